@@ -1,0 +1,135 @@
+"""Boot a real ComfyUI tree in this process with the pack loaded as a custom node, and run API-format
+prompts through ComfyUI's own validator and executor.
+
+One ComfyUI per process: ComfyUI keeps global state (its `nodes` module, folder_paths, model
+management). The tree comes from $COMFYUI_PATH, else ~/ComfyUI.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+PACK_DIR_NAME = "ComfyUI-Dojo"
+
+
+def comfyui_path() -> Path:
+    return Path(os.environ.get("COMFYUI_PATH") or Path.home() / "ComfyUI").expanduser()
+
+
+def comfyui_available() -> bool:
+    root = comfyui_path()
+    return (root / "main.py").is_file() and (root / "comfy").is_dir()
+
+
+def make_base_directory(base: Path) -> Path:
+    """A ComfyUI base directory (models, input, output, temp, user, custom_nodes) with the pack
+    linked into custom_nodes as a user would clone it."""
+    for sub in ("models", "input", "output", "temp", "user", "custom_nodes"):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    link = base / "custom_nodes" / PACK_DIR_NAME
+    if not link.exists():
+        link.symlink_to(REPO_ROOT, target_is_directory=True)
+    return base
+
+
+class _LogCapture(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+    def messages(self, min_level=logging.WARNING) -> list[str]:
+        return [r.getMessage() for r in self.records if r.levelno >= min_level]
+
+
+class _RecordingServer:
+    """The few attributes ComfyUI's executor uses from its PromptServer."""
+
+    def __init__(self):
+        self.client_id = None
+        self.last_node_id = None
+        self.last_prompt_id = None
+        self.messages: list[tuple[str, dict]] = []
+
+    def send_sync(self, event, data, sid=None):
+        self.messages.append((event, data))
+
+    def queue_updated(self):
+        pass
+
+
+@dataclass
+class PromptResult:
+    success: bool
+    ui_outputs: dict
+    messages: list = field(default_factory=list)
+    validation_errors: dict = field(default_factory=dict)
+
+    def error_message(self) -> str:
+        for event, data in self.messages:
+            if event == "execution_error":
+                return f"{data.get('exception_type')}: {data.get('exception_message')}"
+        return str(self.validation_errors)
+
+
+class ComfyUI:
+    """A booted ComfyUI: its modules, the loaded-node registry, and a prompt runner."""
+
+    def __init__(self, root: Path, base: Path):
+        self.root = root
+        self.base = base
+        self.log = _LogCapture()
+        logging.getLogger().addHandler(self.log)
+        logging.getLogger().setLevel(logging.INFO)
+
+        # Our repository must not shadow ComfyUI's top-level `nodes` module.
+        sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO_ROOT]
+        sys.path.insert(0, str(root))
+        import comfy.options  # noqa: F401  (arg parsing stays off: ComfyUI parses [] when imported)
+        from comfy.cli_args import args
+        args.cpu = True
+        args.base_directory = str(base)
+        args.disable_auto_launch = True
+        import folder_paths
+        import nodes
+        if Path(nodes.__file__).resolve().parent != root.resolve():
+            raise RuntimeError(f"imported the wrong 'nodes' module: {nodes.__file__}")
+        self.folder_paths = folder_paths
+        self.nodes = nodes
+        self.import_failures = asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
+        import execution
+        self.execution = execution
+        self.server = _RecordingServer()
+        self.executor = execution.PromptExecutor(self.server, cache_type=False,
+                                                 cache_args={"lru": 0, "ram": 0.0, "ram_inactive": 0.0})
+
+    @property
+    def version(self) -> str:
+        import comfyui_version
+        return comfyui_version.__version__
+
+    def pack_module_name(self) -> str:
+        return str(self.base / "custom_nodes" / PACK_DIR_NAME).replace(".", "_x_")
+
+    def dojo_node_ids(self) -> list[str]:
+        return sorted(k for k, cls in self.nodes.NODE_CLASS_MAPPINGS.items()
+                      if getattr(cls, "RELATIVE_PYTHON_MODULE", "") == f"custom_nodes.{PACK_DIR_NAME}")
+
+    def run(self, prompt: dict) -> PromptResult:
+        """Validate and execute an API-format prompt ({id: {class_type, inputs}}) like the server does."""
+        prompt_id = str(uuid.uuid4())
+        valid, error, outputs, node_errors = asyncio.run(self.execution.validate_prompt(prompt_id, prompt, None))
+        if not valid:
+            return PromptResult(False, {}, validation_errors={"error": error, "node_errors": node_errors})
+        self.server.messages.clear()
+        self.executor.execute(prompt, prompt_id, {"client_id": "dojo-tests"}, outputs)
+        return PromptResult(self.executor.success, dict(self.executor.history_result.get("outputs", {})),
+                            list(self.server.messages))
