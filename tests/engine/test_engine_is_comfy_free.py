@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import comfyui_dojo.training as training
+from conftest import PACK_IMPORT_SNIPPET
 
 COMFY_MODULES = ("comfy", "comfy_api", "comfy_execution", "comfy_extras", "folder_paths", "nodes",
                  "execution", "server", "node_helpers", "latent_preview")
@@ -13,7 +14,7 @@ COMFY_MODULES = ("comfy", "comfy_api", "comfy_execution", "comfy_extras", "folde
 def test_no_training_module_imports_comfyui():
     names = [m.name for m in pkgutil.walk_packages(training.__path__, "comfyui_dojo.training.")]
     assert names, "found no engine modules"
-    code = (
+    code = PACK_IMPORT_SNIPPET + (
         "import importlib, sys\n"
         f"for name in {names!r}: importlib.import_module(name)\n"
         "import comfyui_dojo\n"
