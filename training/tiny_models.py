@@ -60,6 +60,17 @@ def tiny_clip_text_model(seed: int = 0, hidden_size: int = 32, vocab_size: int =
     """A CLIPTextModel with the real architecture and a small width."""
     from transformers import CLIPTextConfig, CLIPTextModel
     config = CLIPTextConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=4 * hidden_size,
-                            num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77)
+                            num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
+                            bos_token_id=0, eos_token_id=1, pad_token_id=1)
     with _seeded(seed):
         return CLIPTextModel(config).eval()
+
+
+def tiny_vae(seed: int = 0):
+    """An AutoencoderKL (SD VAE architecture) with 4 latent channels and 4x downsampling."""
+    from diffusers import AutoencoderKL
+    with _seeded(seed):
+        return AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32), layers_per_block=1,
+            norm_num_groups=8, down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        ).eval()

@@ -1,0 +1,169 @@
+"""The training loop: one function to read top to bottom.
+
+It knows a `DenoisingModel` (predict the native target), an attached adapter (the trainable
+parameters), a `BatchSchedule` (what to train on at step k) and a `TrainConfig`. Everything random in
+step k comes from generators seeded by (seed, k), so a run is reproducible bit for bit and resumable
+from any saved step.
+"""
+from __future__ import annotations
+
+import enum
+import math
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+from .adapters import AttachedAdapter
+from .batches import BatchSchedule, step_generator
+from .protocol import DenoisingModel, Prediction
+from .timesteps import TimestepSampling, sample_timesteps
+
+
+class LRSchedule(str, enum.Enum):
+    CONSTANT = "constant"
+    LINEAR = "linear"
+    COSINE = "cosine"
+
+
+class Precision(str, enum.Enum):
+    BF16 = "bf16"   # bf16 autocast for activations, fp32 adapter (master) weights
+    FP32 = "fp32"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    learning_rate: float = 1e-4
+    grad_accumulation: int = 1
+    lr_schedule: LRSchedule = LRSchedule.CONSTANT
+    warmup_steps: int = 0
+    timestep_sampling: TimestepSampling = TimestepSampling.UNIFORM
+    shift: float | None = None          # None: the model's own inference shift
+    min_snr_gamma: float = 0.0          # 0: off; eps / v models only
+    noise_offset: float = 0.0           # eps / v models only
+    weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0
+    precision: Precision = Precision.BF16
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be at least 1 (got {self.steps})")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning rate must be positive (got {self.learning_rate}); try 1e-4")
+        if self.grad_accumulation < 1:
+            raise ValueError(f"gradient accumulation must be at least 1 (got {self.grad_accumulation})")
+        if self.warmup_steps < 0 or (self.warmup_steps > 0 and self.warmup_steps >= self.steps):
+            raise ValueError(f"warm-up ({self.warmup_steps} steps) must be shorter than training ({self.steps} steps)")
+
+    def to_dict(self) -> dict:
+        return {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in asdict(self).items()}
+
+
+class TrainingDiverged(RuntimeError):
+    def __init__(self, step: int, loss: float):
+        super().__init__(f"loss became {loss} at step {step}: training diverged. Lower the learning rate "
+                         f"(or use fp32 precision); the last checkpoint before step {step} is kept.")
+        self.step = step
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Callbacks:
+    on_step: Callable[[int, float, float], None] | None = None   # (step done, loss, lr)
+    should_stop: Callable[[], bool] | None = None                 # e.g. ComfyUI's cancel
+    on_checkpoint: Callable[[TrainState, torch.optim.Optimizer, object], None] | None = None
+
+
+def lr_factor(config: TrainConfig, step: int) -> float:
+    """Multiplier of the base learning rate at optimizer step `step` (0-based)."""
+    if step < config.warmup_steps:
+        return (step + 1) / (config.warmup_steps + 1)
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    if config.lr_schedule is LRSchedule.LINEAR:
+        return 1.0 - progress
+    if config.lr_schedule is LRSchedule.COSINE:
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0
+
+
+def make_optimizer(params, config: TrainConfig):
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(config, s))
+    return optimizer, scheduler
+
+
+def diffusion_loss(model: DenoisingModel, latents: torch.Tensor, cond, t: torch.Tensor,
+                   noise: torch.Tensor, min_snr_gamma: float = 0.0) -> torch.Tensor:
+    """Mean squared error of the model's native prediction, optionally min-SNR weighted per sample."""
+    schedule = model.schedule
+    noisy = schedule.add_noise(latents, noise, t)
+    target = schedule.target(latents, noise, t)
+    pred = model.predict(noisy, t, cond)
+    per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+    if min_snr_gamma > 0 and not schedule.is_flow:
+        alpha, sigma = schedule.coefficients(t)
+        snr = (alpha / sigma) ** 2
+        clipped = snr.clamp(max=min_snr_gamma)
+        weight = clipped / (snr + 1) if schedule.prediction is Prediction.V else clipped / snr
+        per_sample = per_sample * weight.to(per_sample.device)
+    return per_sample.mean()
+
+
+def train(model: DenoisingModel, adapter: AttachedAdapter, data: BatchSchedule, config: TrainConfig,
+          device: torch.device | str = "cpu", state: TrainState | None = None,
+          optimizer_state: dict | None = None, callbacks: Callbacks | None = None,
+          checkpoint_every: int = 0) -> tuple[TrainState, torch.optim.Optimizer, object]:
+    config.validate()
+    callbacks = callbacks or Callbacks()
+    state = state or TrainState()
+    device = torch.device(device)
+    params = adapter.parameters()
+    optimizer, scheduler = make_optimizer(params, config)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state["optimizer"])
+        scheduler.load_state_dict(optimizer_state["scheduler"])
+    shift = config.shift if config.shift is not None else model.schedule.shift
+    use_bf16 = config.precision is Precision.BF16
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+
+    while state.step < config.steps:
+        if callbacks.should_stop is not None and callbacks.should_stop():
+            break
+        step = state.step
+        step_loss = 0.0
+        for micro in range(config.grad_accumulation):
+            batch = data.batch(step * config.grad_accumulation + micro)
+            latents = batch.latents.to(device, torch.float32)
+            g = step_generator(config.seed, step * config.grad_accumulation + micro)
+            t = sample_timesteps(config.timestep_sampling, latents.shape[0], g, shift=shift)
+            noise = torch.randn(latents.shape, generator=g)
+            if config.noise_offset and not model.schedule.is_flow:
+                noise = noise + config.noise_offset * torch.randn(
+                    (*latents.shape[:2], *[1] * (latents.ndim - 2)), generator=g)
+            with autocast:
+                loss = diffusion_loss(model, latents, batch.cond.to(device), t.to(device), noise.to(device),
+                                      config.min_snr_gamma)
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(step + 1, loss.item())
+            (loss / config.grad_accumulation).backward()
+            step_loss += loss.item() / config.grad_accumulation
+        if config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.losses.append(step_loss)
+        if callbacks.on_step is not None:
+            callbacks.on_step(state.step, step_loss, scheduler.get_last_lr()[0])
+        if checkpoint_every and state.step % checkpoint_every == 0 and callbacks.on_checkpoint is not None:
+            callbacks.on_checkpoint(state, optimizer, scheduler)
+    return state, optimizer, scheduler
