@@ -93,3 +93,19 @@ def test_epoch_rng_depends_on_seed_and_epoch(tmp_path):
     dataset = scan_folder(tmp_path, DatasetConfig(seed=5))
     assert dataset.epoch_rng(0).random() == dataset.epoch_rng(0).random()
     assert dataset.epoch_rng(0).random() != dataset.epoch_rng(1).random()
+
+
+def test_epoch_plan_captions_are_reproducible_and_vary_by_epoch(tmp_path):
+    for i in range(6):
+        write_image(tmp_path / f"{i}.png")
+        (tmp_path / f"{i}.txt").write_text("a, b, c, d, e")
+    config = DatasetConfig(captions=CaptionConfig(trigger="ohwx", dropout=0.3, shuffle=True), seed=11)
+    dataset = scan_folder(tmp_path, config)
+
+    def plan(epoch):
+        return [[(item.path.name, caption) for item, caption in batch] for batch in dataset.epoch_plan(2, epoch)]
+    assert plan(0) == plan(0)
+    assert plan(0) != plan(1)
+    captions = [caption for batch in plan(0) + plan(1) for _, caption in batch]
+    assert all(c == "ohwx" or c.startswith("ohwx, ") for c in captions)
+    assert "ohwx" in captions  # some dropped out at 0.3 over 12 samples

@@ -97,9 +97,19 @@ class Dataset:
 
     def batches(self, batch_size: int, epoch: int = 0, drop_last: bool = False) -> list[list[DatasetItem]]:
         """One epoch: each item `repeats` times, in batches that never mix buckets or frame counts."""
+        return self._batches(batch_size, self.epoch_rng(epoch), drop_last)
+
+    def epoch_plan(self, batch_size: int, epoch: int = 0,
+                   drop_last: bool = False) -> list[list[tuple[DatasetItem, str]]]:
+        """One epoch's batches with each sample's final caption (dropout, shuffle, trigger), all
+        drawn from the one per-epoch generator: the same seed and epoch give the same plan."""
+        rng = self.epoch_rng(epoch)
+        batches = self._batches(batch_size, rng, drop_last)
+        return [[(item, item.caption(self.config.captions, rng)) for item in batch] for batch in batches]
+
+    def _batches(self, batch_size: int, rng: random.Random, drop_last: bool) -> list[list[DatasetItem]]:
         expanded = [item for item in self.items for _ in range(item.repeats)]
-        return make_batches(expanded, batch_size, key=lambda item: item.bucket,
-                            rng=self.epoch_rng(epoch), drop_last=drop_last)
+        return make_batches(expanded, batch_size, key=lambda item: item.bucket, rng=rng, drop_last=drop_last)
 
 
 def scan_folder(root: Path, config: DatasetConfig | None = None) -> Dataset:
