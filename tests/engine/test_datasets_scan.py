@@ -124,3 +124,35 @@ def test_scanning_forty_images_without_verify_decodes_no_pixels(tmp_path, monkey
     lazy = scan_folder(tmp_path, DatasetConfig(buckets=SMALL.buckets, verify=False))
     assert len(lazy) == 40
     assert [i.bucket for i in verified.items] == [i.bucket for i in lazy.items]
+
+
+def test_random_crop_offsets_come_from_the_seed(tmp_path):
+    for i in range(6):
+        write_image(tmp_path / f"{i}.png", size=(64, 200))
+
+    def crops(seed):
+        config = DatasetConfig(buckets=BucketConfig(resolution=64, step=16, min_side=64, max_side=64,
+                                                    random_crop=True), seed=seed)
+        return [item.crop for item in scan_folder(tmp_path, config).items]
+    assert crops(1) == crops(1)
+    assert crops(1) != crops(2)
+    assert len(set(crops(1))) > 1
+
+
+def test_nested_and_zero_repeat_folders_warn(tmp_path):
+    write_image(tmp_path / "a.png")
+    write_image(tmp_path / "0_off" / "b.png")
+    write_image(tmp_path / "3_on" / "deeper" / "c.png")
+    with pytest.warns(DatasetWarning) as caught:
+        dataset = scan_folder(tmp_path, SMALL)
+    messages = " ".join(str(w.message) for w in caught)
+    assert "0_off" in messages and "deeper" in messages
+    assert [item.path.name for item in dataset.items] == ["a.png"]
+
+
+def test_file_changed_after_scan_gives_a_clear_error_on_load(tmp_path):
+    path = write_image(tmp_path / "a.png", size=(64, 64))
+    (item,) = scan_folder(tmp_path, SMALL).items
+    write_image(path, size=(32, 80))
+    with pytest.raises(DatasetError, match=r"a\.png.*scan the folder again"):
+        item.load()
