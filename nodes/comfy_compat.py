@@ -5,7 +5,9 @@ this module, never from ComfyUI directly.
 """
 from __future__ import annotations
 
+import logging
 import math
+from contextlib import contextmanager
 
 import torch
 
@@ -13,6 +15,7 @@ import comfy.model_base
 import comfy.model_management
 import comfy.model_sampling
 import comfy.patcher_extension
+import comfy.sd
 import comfy.supported_models
 import comfy.utils
 import folder_paths  # noqa: F401  (re-exported for the file-handling nodes)
@@ -102,3 +105,113 @@ def raw_output_capture():
 
     options = {"wrappers": {comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL: {"dojo_capture": [wrapper]}}}
     return captured, options
+
+
+# --- training on a MODEL --------------------------------------------------------------------------
+
+def training_clone(model_patcher):
+    """A patcher to train on. ComfyUI 0.33 may serve a "dynamic VRAM" patcher whose weights are managed
+    by its allocator; training needs ordinary resident weights, so ask ComfyUI for a non-dynamic
+    delegate (its own trainer does the same). Elsewhere a plain clone shares the module."""
+    is_dynamic = getattr(model_patcher, "is_dynamic", None)
+    if is_dynamic is not None and is_dynamic():
+        return model_patcher.clone(disable_dynamic=True)
+    return model_patcher.clone()
+
+
+def materialize_inference_tensors(module: torch.nn.Module) -> int:
+    """Replace parameters and buffers created under inference_mode with ordinary tensors, in place.
+
+    ComfyUI loads weights inside `torch.inference_mode()`; autograd refuses to save such tensors for
+    backward (they carry no version counter, which even a `.data` swap does not give back). Each one is
+    replaced by a bit-identical ordinary copy (one tensor at a time, so no second copy of the model is
+    held), keeping its requires_grad flag, so inference afterwards computes exactly the same values.
+    Returns how many tensors were replaced.
+    """
+    replaced = 0
+    with torch.no_grad():
+        for sub in module.modules():
+            for name, p in list(sub._parameters.items()):
+                if p is not None and p.is_inference():
+                    sub._parameters[name] = torch.nn.Parameter(p.clone(), requires_grad=p.requires_grad)
+                    replaced += 1
+            for name, b in list(sub._buffers.items()):
+                if b is not None and b.is_inference():
+                    sub._buffers[name] = b.clone()
+                    replaced += 1
+    return replaced
+
+
+@contextmanager
+def comfy_training_mode():
+    """ComfyUI 0.33's flag that makes its ops avoid kernels with no autograd formula (comfy-kitchen's
+    RoPE). ComfyUI 0.8 has no such flag (and no such kernel in use); then this does nothing."""
+    has_flag = hasattr(comfy.model_management, "in_training")
+    previous = getattr(comfy.model_management, "in_training", None)
+    if has_flag:
+        comfy.model_management.in_training = True
+    try:
+        yield
+    finally:
+        if has_flag:
+            comfy.model_management.in_training = previous
+
+
+def process_latent_in(model_patcher, latent: torch.Tensor) -> torch.Tensor:
+    """VAE latents -> the model's latent space (scale/shift of its latent format)."""
+    return model_patcher.model.process_latent_in(latent)
+
+
+def sd_unet_diffusers_names(model_patcher) -> dict[str, str]:
+    """ComfyUI UNet module name -> diffusers module name, from ComfyUI's own diffusers key map."""
+    mapping = comfy.utils.unet_to_diffusers(model_patcher.model.model_config.unet_config)
+    names = {}
+    for diffusers_key, comfy_key in mapping.items():
+        if diffusers_key.endswith(".weight") and comfy_key.endswith(".weight"):
+            names[comfy_key[: -len(".weight")]] = diffusers_key[: -len(".weight")]
+    return names
+
+
+# --- progress and cancel ----------------------------------------------------------------------------
+
+def progress_bar(total: int):
+    return comfy.utils.ProgressBar(total)
+
+
+def interrupt_requested() -> bool:
+    return bool(comfy.model_management.processing_interrupted())
+
+
+def is_interrupt(exc: BaseException) -> bool:
+    return isinstance(exc, comfy.model_management.InterruptProcessingException)
+
+
+def raise_interrupt():
+    raise comfy.model_management.InterruptProcessingException()
+
+
+# --- applying LoRAs -------------------------------------------------------------------------------
+
+@contextmanager
+def capture_lora_warnings():
+    """Collect ComfyUI's "lora key not loaded" warnings while a LoRA is applied."""
+    lines: list[str] = []
+
+    class _Collect(logging.Handler):
+        def emit(self, record):
+            message = record.getMessage()
+            if "lora key not loaded" in message:
+                lines.append(message)
+
+    handler = _Collect(logging.WARNING)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield lines
+    finally:
+        root.removeHandler(handler)
+
+
+def apply_lora(model, clip, lora_state: dict, strength_model: float, strength_clip: float):
+    """ComfyUI's own LoRA application (the path LoraLoader takes), on clones of model and clip."""
+    return comfy.sd.load_lora_for_models(model, clip, lora_state, strength_model, strength_clip)

@@ -24,7 +24,7 @@ from .batches import BatchSchedule, Sample, step_generator
 from .diffusers_models import DiffusersUNet
 from .files import next_free_path, save_safetensors_new, write_new_file
 from .loop import Callbacks, Precision, TrainConfig, diffusion_loss, train
-from .lora_formats import kohya_unet_keys
+from .lora_formats import kohya_keys
 from .loss_plot import render_loss_plot
 from .protocol import Conditioning, TargetPreset
 
@@ -118,7 +118,7 @@ def main(argv=None):
                 "ss_learning_rate": str(args.lr), "ss_num_train_images": str(len(samples)),
                 "dojo_base_model": "tiny random SD1.5-architecture UNet (demo)"}
     lora_path = save_safetensors_new(next_free_path(args.output, "dojo_demo_lora", ".safetensors"),
-                                     kohya_unet_keys(adapter.low_rank_factors()), metadata)
+                                     kohya_keys(adapter.low_rank_factors()), metadata)
     plot_path = write_new_file(next_free_path(args.output, "dojo_demo_loss", ".png"),
                                lambda tmp: render_loss_plot(state.losses).save(tmp, format="PNG"))
     adapter.detach()

@@ -1,18 +1,62 @@
 """LoRA file layouts that ComfyUI, diffusers and A1111 read (DESIGN.md section 4).
 
 Alpha/rank is baked into the up matrix and no `.alpha` key is written, so every loader applies the
-same delta: up @ down.
+same delta: up @ down. Module names come in the model's native (ComfyUI / original) layout; SD UNets
+additionally need the diffusers name of each module, which the caller supplies (ComfyUI knows it).
 """
 from __future__ import annotations
 
+import re
+
 import torch
 
+from .protocol import Family
 
-def kohya_unet_keys(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], prefix: str = "lora_unet_") -> dict[str, torch.Tensor]:
-    """`lora_unet_<diffusers module path with . -> _>.lora_down/.lora_up.weight` (SD1.5 / SDXL UNets)."""
+Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+# ComfyUI's HunyuanVideo module names -> the original Tencent names diffusers' converter expects.
+_HUNYUAN_RENAMES = [
+    (r"(img|txt)_attn\.qkv$", r"\1_attn_qkv"),
+    (r"(img|txt)_attn\.proj$", r"\1_attn_proj"),
+    (r"(img|txt)_mlp\.0$", r"\1_mlp.fc1"),
+    (r"(img|txt)_mlp\.2$", r"\1_mlp.fc2"),
+    (r"(img|txt)_mod\.lin$", r"\1_mod.linear"),
+    (r"modulation\.lin$", r"modulation.linear"),
+]
+
+
+def kohya_keys(factors: Factors, prefix: str = "lora_unet_") -> dict[str, torch.Tensor]:
+    """`<prefix><module path with . -> _>.lora_down/.lora_up.weight`."""
     out = {}
     for name, (down, up) in factors.items():
         key = prefix + name.replace(".", "_")
         out[f"{key}.lora_down.weight"] = down
         out[f"{key}.lora_up.weight"] = up
+    return out
+
+
+def hunyuan_video_name(comfy_name: str) -> str:
+    for pattern, repl in _HUNYUAN_RENAMES:
+        comfy_name = re.sub(pattern, repl, comfy_name)
+    return comfy_name
+
+
+def lora_state_dict(family: Family, factors: Factors, diffusers_names: dict[str, str] | None = None
+                    ) -> dict[str, torch.Tensor]:
+    """The file's tensors for `family` from per-module (down, up) factors keyed by native module name."""
+    family = Family(family)
+    if family in (Family.SD15, Family.SDXL):
+        if diffusers_names is None:
+            raise ValueError("SD UNet LoRAs need the diffusers name of each module")
+        missing = [n for n in factors if n not in diffusers_names]
+        if missing:
+            raise ValueError(f"no diffusers name known for {len(missing)} modules, e.g. {missing[:3]}")
+        return kohya_keys({diffusers_names[n]: f for n, f in factors.items()})
+    if family is Family.FLUX:
+        return kohya_keys(factors)
+    out = {}
+    for name, (down, up) in factors.items():
+        key = f"diffusion_model.{hunyuan_video_name(name)}"
+        out[f"{key}.lora_A.weight"] = down
+        out[f"{key}.lora_B.weight"] = up
     return out

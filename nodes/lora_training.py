@@ -1,0 +1,128 @@
+"""Train a LoRA on a ComfyUI MODEL: the glue between the node and the engine's loop.
+
+The cached MODEL is never changed for good: training happens on a clone inside
+`torch.inference_mode(False)`; the adapter layers are attached to the (shared) diffusion model only for
+the duration of the run and detached in `finally`, with every module object and requires_grad flag
+restored, so the base model's outputs afterwards are bit-identical to before.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..training.adapters import AdapterConfig, AdapterType, attach_adapter
+from ..training.batches import BatchSchedule, Sample
+from ..training.checkpoints import check_resumable, load_checkpoint, save_checkpoint
+from ..training.encoded import EncodedDataset
+from ..training.loop import Callbacks, TrainConfig, TrainState, train
+from ..training.lora_formats import lora_state_dict
+from ..training.protocol import Family, TargetPreset
+from . import comfy_compat as cc
+from .comfy_model import ComfyDenoisingModel
+
+log = logging.getLogger("comfyui-dojo")
+
+
+class DojoLoRA(dict):
+    """A LoRA in its file layout (what ComfyUI's LoRA loaders read), plus the metadata Save writes."""
+
+    def __init__(self, tensors: dict, metadata: dict | None = None):
+        super().__init__(tensors)
+        self.metadata = dict(metadata or {})
+
+
+@dataclass
+class LoraJob:
+    adapter: AdapterConfig
+    targets: TargetPreset
+    train: TrainConfig
+    batch_size: int = 1
+    checkpoint_every: int = 0
+    checkpoint_dir: Path | None = None
+    resume_from: Path | None = None
+    extra_metadata: dict = field(default_factory=dict)
+
+
+@dataclass
+class LoraResult:
+    lora: DojoLoRA
+    losses: list[float]
+    steps_done: int
+    cancelled: bool
+    last_checkpoint: Path | None
+
+
+def run_identity(job: LoraJob, family: Family, dataset: EncodedDataset) -> dict:
+    return {"family": family.value, "adapter": AdapterType(job.adapter.kind).value, "rank": job.adapter.rank,
+            "alpha": job.adapter.alpha, "targets": job.targets.value, "batch_size": job.batch_size, "dataset_fingerprint": dataset.fingerprint, "steps": job.train.steps,
+            **job.train.to_dict()}
+
+
+def train_lora(model_patcher, dataset: EncodedDataset, job: LoraJob) -> LoraResult:
+    if len(dataset) == 0:
+        raise ValueError("the dataset is empty: encode a folder with at least one image first")
+    job.train.validate()
+    progress = cc.progress_bar(job.train.steps)
+    stop = {"requested": False}
+
+    def on_step(step, loss, lr):
+        try:
+            progress.update_absolute(step, job.train.steps)
+        except Exception as exc:  # ComfyUI's progress hook raises on cancel; stop after this step instead
+            if not cc.is_interrupt(exc):
+                raise
+            stop["requested"] = True
+
+    with torch.inference_mode(False), torch.enable_grad(), cc.comfy_training_mode():
+        patcher = cc.training_clone(model_patcher)
+        cc.load_for_compute(patcher)
+        cc.materialize_inference_tensors(patcher.model)
+        view = ComfyDenoisingModel(patcher)
+        device = cc.compute_device(patcher)
+        samples = [Sample(cc.process_latent_in(patcher, s.latent[None].float())[0], s.cond) for s in dataset.samples]
+        run = run_identity(job, view.family, dataset)
+        adapter = attach_adapter(view.diffusion_model, view.adaptable_modules(job.targets), job.adapter,
+                                 seed=job.train.seed)
+        checkpoints: list[Path] = []
+
+        def write_checkpoint(state, optimizer, scheduler):
+            if job.checkpoint_dir is None:
+                return
+            folder = save_checkpoint(job.checkpoint_dir, state.step, state.losses, adapter.state_dict(),
+                                     optimizer, scheduler, run)
+            checkpoints.append(folder)
+            log.info("Dojo: checkpoint written to %s", folder)
+
+        try:
+            state, optimizer_state = TrainState(), None
+            if job.resume_from is not None:
+                ckpt = load_checkpoint(job.resume_from)
+                check_resumable(ckpt, run)
+                adapter.load_state_dict(ckpt.adapter)
+                state = TrainState(ckpt.step, list(ckpt.losses))
+                optimizer_state = {"optimizer": ckpt.optimizer, "scheduler": ckpt.scheduler}
+                progress.update_absolute(state.step, job.train.steps)
+            callbacks = Callbacks(on_step=on_step,
+                                  should_stop=lambda: stop["requested"] or cc.interrupt_requested(),
+                                  on_checkpoint=write_checkpoint)
+            state, optimizer, scheduler = train(
+                view, adapter, BatchSchedule(samples, job.batch_size, job.train.seed), job.train, device=device,
+                state=state, optimizer_state=optimizer_state, callbacks=callbacks,
+                checkpoint_every=job.checkpoint_every)
+            cancelled = state.step < job.train.steps
+            if cancelled or (job.checkpoint_every and state.step % job.checkpoint_every != 0):
+                write_checkpoint(state, optimizer, scheduler)
+            names = cc.sd_unet_diffusers_names(patcher) if view.family in (Family.SD15, Family.SDXL) else None
+            tensors = lora_state_dict(view.family, adapter.low_rank_factors(), names)
+        finally:
+            adapter.detach()
+    metadata = {"dojo_family": view.family.value, "dojo_steps": str(state.step),
+                "ss_network_dim": str(job.adapter.rank), "ss_network_alpha": str(job.adapter.alpha),
+                "ss_learning_rate": str(job.train.learning_rate), "ss_num_train_images": str(len(dataset)),
+                "ss_max_train_steps": str(job.train.steps), "ss_seed": str(job.train.seed),
+                **job.extra_metadata}
+    lora = DojoLoRA({k: v.cpu() for k, v in tensors.items()}, metadata)
+    return LoraResult(lora, list(state.losses), state.step, cancelled, checkpoints[-1] if checkpoints else None)

@@ -1,0 +1,31 @@
+"""Small ComfyUI models built in the test process (no loader detection involved), wrapped in ComfyUI's
+ModelPatcher exactly as its loaders return them. For fast engine-through-ComfyUI tests; the loader-
+detectable files live in tiny_files.py."""
+from __future__ import annotations
+
+import torch
+
+from tiny_comfy_models import randomize_
+
+
+def tiny_sd15_patcher(seed: int = 0, model_channels: int = 32, context_dim: int = 768):
+    """An SD1.5 BaseModel (eps, ComfyUI's SD15 config) with a 2-level UNet of width `model_channels`."""
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+    unet_config = {
+        "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": model_channels,
+        "num_res_blocks": [1, 1], "channel_mult": [1, 2], "transformer_depth": [1, 0],
+        "transformer_depth_output": [0, 0, 1, 1], "transformer_depth_middle": 0,
+        "use_spatial_transformer": True, "legacy": False,
+        "context_dim": context_dim, "num_heads": 4, "num_head_channels": -1, "use_linear_in_transformer": False,
+        "adm_in_channels": None, "use_temporal_attention": False, "use_temporal_resblock": False,
+        "dtype": torch.float32,
+    }
+    config = comfy.supported_models.SD15(unet_config)
+    config.set_inference_dtype(torch.float32, None)
+    with torch.inference_mode():  # as in ComfyUI's loaders: parameters are inference tensors
+        model = config.get_model({})
+        randomize_(model.diffusion_model, seed)
+    return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
+                                            offload_device=comfy.model_management.unet_offload_device())

@@ -1,0 +1,99 @@
+"""Train LoRA through ComfyUI's MODEL (SD1.5, eps): it learns, the base model is untouched, the file
+layout loads through ComfyUI's own LoRA path with no unloaded key, and strength scales linearly."""
+import importlib
+import sys
+
+import pytest
+import torch
+
+from inprocess_models import tiny_sd15_patcher
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def dojo(comfy):
+    pack = sys.modules[comfy.pack_module_name()].__name__
+    mods = {name: importlib.import_module(f"{pack}.{name}") for name in (
+        "nodes.lora_training", "nodes.comfy_model", "nodes.comfy_compat", "training.protocol", "training.batches",
+        "training.encoded", "training.adapters", "training.loop")}
+    return type("Dojo", (), {k.split(".")[-1]: v for k, v in mods.items()})
+
+
+def encoded(dojo, n=4, size=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    samples, captions = [], []
+    for i in range(n):
+        yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+        latent = torch.stack([torch.sin(3 * xx + i), torch.cos(2 * yy - i), xx * yy, xx + yy]) * 4.0
+        samples.append(dojo.batches.Sample(latent, dojo.protocol.Conditioning(torch.randn(1, 77, 768, generator=g))))
+        captions.append(f"caption {i}")
+    return dojo.encoded.EncodedDataset(samples, captions)
+
+
+def job(dojo, steps=30, lr=1e-2, **kw):
+    return dojo.lora_training.LoraJob(
+        adapter=dojo.adapters.AdapterConfig(rank=4, alpha=4),
+        targets=dojo.protocol.TargetPreset.ALL_LINEAR,
+        train=dojo.loop.TrainConfig(steps=steps, learning_rate=lr, precision=dojo.loop.Precision.FP32, seed=1),
+        batch_size=2, **kw)
+
+
+def reference_output(dojo, patcher):
+    dojo.comfy_compat.load_for_compute(patcher)  # as sampling does: applies this patcher's LoRA patches
+    view = dojo.comfy_model.ComfyDenoisingModel(patcher)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 4, 16, 16, generator=g)
+    cond = dojo.protocol.Conditioning(torch.randn(2, 77, 768, generator=g))
+    with torch.inference_mode():
+        return view.predict(x, torch.tensor([0.3, 0.7]), cond)
+
+
+def fixed_loss(dojo, patcher, data):
+    dojo.comfy_compat.load_for_compute(patcher)
+    view = dojo.comfy_model.ComfyDenoisingModel(patcher)
+    latents = torch.stack([patcher.model.process_latent_in(s.latent[None])[0] for s in data.samples])
+    cond = dojo.protocol.Conditioning(torch.cat([s.cond.context for s in data.samples]))
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        return dojo.loop.diffusion_loss(view, latents, cond, torch.linspace(0.2, 0.8, len(data)), noise).item()
+
+
+def test_training_learns_and_leaves_the_base_model_bit_identical(comfy, dojo, tmp_path):
+    patcher = tiny_sd15_patcher()
+    data = encoded(dojo)
+    before_out = reference_output(dojo, patcher)
+    modules_before = dict(patcher.model.diffusion_model.named_modules())
+    result = dojo.lora_training.train_lora(patcher, data, job(dojo, checkpoint_dir=tmp_path / "ckpt"))
+    assert result.steps_done == 30 and not result.cancelled
+    assert torch.equal(reference_output(dojo, patcher), before_out)
+    assert dict(patcher.model.diffusion_model.named_modules()) == modules_before
+    assert not any(p.requires_grad for p in patcher.model.diffusion_model.parameters())
+
+    keys = list(result.lora)
+    assert keys and all(k.startswith("lora_unet_") for k in keys)
+    assert any("down_blocks_0_attentions_0" in k for k in keys)  # diffusers naming, as A1111/diffusers expect
+    before_loss = fixed_loss(dojo, patcher, data)
+    with dojo.comfy_compat.capture_lora_warnings() as unloaded:
+        trained, _ = dojo.comfy_compat.apply_lora(patcher, None, result.lora, 1.0, 0.0)
+    assert unloaded == []
+    assert len(trained.patches) == len(keys) // 2
+    after_loss = fixed_loss(dojo, trained, data)
+    assert after_loss < 0.85 * before_loss, (before_loss, after_loss, result.losses[:3], result.losses[-3:])
+    assert (tmp_path / "ckpt").is_dir()
+
+
+def test_strength_scales_the_change_linearly(comfy, dojo):
+    patcher = tiny_sd15_patcher(seed=1)
+    result = dojo.lora_training.train_lora(patcher, encoded(dojo), job(dojo, steps=5, lr=1e-2))
+    base = reference_output(dojo, patcher)
+    outputs = {}
+    for strength in (0.0, 0.5, 1.0, -1.0):
+        applied, _ = dojo.comfy_compat.apply_lora(patcher, None, result.lora, strength, 0.0)
+        outputs[strength] = reference_output(dojo, applied)
+    assert torch.equal(outputs[0.0], base)
+    delta = outputs[1.0] - base
+    assert delta.abs().max() > 1e-5
+    # A LoRA changes weights linearly; through a small network the output change is linear to first order.
+    torch.testing.assert_close(outputs[0.5] - base, 0.5 * delta, rtol=0.05, atol=2e-3 * delta.abs().max().item())
+    torch.testing.assert_close(outputs[-1.0] - base, -delta, rtol=0.1, atol=5e-3 * delta.abs().max().item())

@@ -1,0 +1,113 @@
+"""Training checkpoints: adapter weights and optimizer state as safetensors, everything else as JSON.
+
+Nothing is pickled. Data order, noise and timesteps are pure functions of (seed, step) (see
+batches.py), so the step and the seed are all the "RNG state" a resume needs. A checkpoint records the
+run configuration it belongs to; resuming under a different one is refused by name.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .files import save_safetensors_new, write_new_file
+
+FORMAT_VERSION = 1
+# Settings that must match for a resume to continue the same run (others, like the checkpoint
+# interval, may change).
+RUN_IDENTITY_KEYS = ("family", "adapter", "rank", "alpha", "targets", "seed", "batch_size", "grad_accumulation",
+                     "learning_rate", "lr_schedule", "warmup_steps", "timestep_sampling", "dataset_fingerprint")
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+@dataclass
+class Checkpoint:
+    step: int
+    losses: list[float]
+    adapter: dict[str, torch.Tensor]
+    optimizer: dict
+    scheduler: dict
+    run: dict
+
+
+def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split torch's optimizer state dict into tensors (for safetensors) and a JSON skeleton."""
+    tensors, skeleton = {}, {"param_groups": state["param_groups"], "state": {}}
+    for pid, pstate in state["state"].items():
+        entry = {}
+        for key, value in pstate.items():
+            if torch.is_tensor(value):
+                name = f"state.{pid}.{key}"
+                tensors[name] = value
+                entry[key] = {"tensor": name}
+            else:
+                entry[key] = value
+        skeleton["state"][str(pid)] = entry
+    return tensors, skeleton
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], skeleton: dict) -> dict:
+    state = {}
+    for pid, entry in skeleton["state"].items():
+        state[int(pid)] = {k: (tensors[v["tensor"]] if isinstance(v, dict) and "tensor" in v else v)
+                           for k, v in entry.items()}
+    return {"state": state, "param_groups": skeleton["param_groups"]}
+
+
+def save_checkpoint(directory: Path, step: int, losses: list[float], adapter: dict[str, torch.Tensor],
+                    optimizer: torch.optim.Optimizer, scheduler, run: dict) -> Path:
+    """Write `directory/step_NNNNNN/` (three files, each published atomically); returns the folder."""
+    folder = directory / f"step_{step:06d}"
+    if folder.exists():
+        raise FileExistsError(f"checkpoint {folder} already exists; it is never overwritten")
+    folder.mkdir(parents=True)
+    opt_tensors, opt_skeleton = _flatten_optimizer(optimizer.state_dict())
+    save_safetensors_new(folder / "adapter.safetensors", adapter)
+    save_safetensors_new(folder / "optimizer.safetensors", opt_tensors)
+    meta = {"format": FORMAT_VERSION, "step": step, "losses": losses, "run": run,
+            "optimizer": opt_skeleton, "scheduler": scheduler.state_dict()}
+    # state.json is written last: a folder without it is an incomplete checkpoint and is ignored.
+    write_new_file(folder / "state.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
+    return folder
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    complete = sorted(p for p in directory.glob("step_*") if (p / "state.json").is_file())
+    return complete[-1] if complete else None
+
+
+def load_checkpoint(folder: Path) -> Checkpoint:
+    import safetensors.torch
+    folder = Path(folder)
+    if (folder / "state.json").is_file() is False and folder.is_dir():
+        found = latest_checkpoint(folder)
+        if found is None:
+            raise CheckpointError(f"no complete checkpoint in {folder} (looked for step_*/state.json)")
+        folder = found
+    try:
+        meta = json.loads((folder / "state.json").read_text())
+        adapter = safetensors.torch.load_file(str(folder / "adapter.safetensors"))
+        opt_tensors = safetensors.torch.load_file(str(folder / "optimizer.safetensors"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read checkpoint {folder}: {e}") from e
+    if meta.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {folder} has format {meta.get('format')}; this Dojo reads {FORMAT_VERSION}")
+    return Checkpoint(meta["step"], meta["losses"], adapter, _unflatten_optimizer(opt_tensors, meta["optimizer"]),
+                      meta["scheduler"], meta["run"])
+
+
+def check_resumable(checkpoint: Checkpoint, run: dict) -> None:
+    """Refuse to resume a checkpoint from another run configuration, naming every difference."""
+    diffs = [f"{k}: checkpoint {checkpoint.run.get(k)!r} vs now {run.get(k)!r}"
+             for k in RUN_IDENTITY_KEYS if checkpoint.run.get(k) != run.get(k)]
+    if diffs:
+        raise CheckpointError("this checkpoint belongs to a different run configuration; resume with the same "
+                              "settings or start a new run. Differences: " + "; ".join(diffs))
+    if checkpoint.step >= run.get("steps", 0):
+        raise CheckpointError(f"the checkpoint is at step {checkpoint.step}, which already reaches the "
+                              f"{run.get('steps')} steps asked for; raise steps to continue training")
