@@ -102,3 +102,33 @@ def raw_output_capture():
 
     options = {"wrappers": {comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL: {"dojo_capture": [wrapper]}}}
     return captured, options
+
+
+def _rope1(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    """Interleaved RoPE (pair k = elements 2k, 2k+1) in plain, differentiable torch ops.
+    freqs_cis [..., L, D/2, 2, 2] holds each pair's 2x2 rotation."""
+    pairs = x.to(freqs_cis.dtype).reshape(*x.shape[:-1], -1, 1, 2)
+    if freqs_cis.ndim > 2 and x.ndim > 2 and x.shape[2] != 1 and freqs_cis.shape[2] > x.shape[2]:
+        freqs_cis = freqs_cis[:, :, :x.shape[2]]
+    return (freqs_cis * pairs).sum(-1).reshape(x.shape).type_as(x)
+
+
+def _rope(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor):
+    return _rope1(xq, freqs_cis), _rope1(xk, freqs_cis)
+
+
+def rope_substitutions() -> dict:
+    """comfy-kitchen's RoPE ops have no autograd formula and Flux / HunyuanVideo call them whenever
+    comfy-kitchen is importable (always on 0.8; on 0.33 unless `in_training` is set), on CPU too.
+    Map them to differentiable equivalents; the training protection applies this thread-locally."""
+    try:
+        kitchen = torch.ops.comfy_kitchen
+        ops = {"apply_rope": (kitchen.apply_rope, _rope), "apply_rope1": (kitchen.apply_rope1, _rope1)}
+    except (AttributeError, RuntimeError):  # comfy-kitchen not loaded: ComfyUI uses plain torch RoPE
+        return {}
+    subs = {}
+    for packet, replacement in ops.values():
+        subs[packet] = replacement
+        for name in packet.overloads():
+            subs[getattr(packet, name)] = replacement
+    return subs

@@ -237,6 +237,13 @@ def _checkpointed_forward(original: Callable, substitutions: Mapping):
 
 
 @contextlib.contextmanager
+def op_substitutions(substitutions: Mapping[Callable, Callable]):
+    """Only the op substitutions of the protection (no saved-tensor handling), for this thread."""
+    with _CopyOnWriteMode({}, dict(substitutions)):
+        yield
+
+
+@contextlib.contextmanager
 def checkpoint_blocks(blocks: Iterable[nn.Module], substitutions: Mapping[Callable, Callable] | None = None):
     """Gradient-checkpoint each block, with its inputs copied and its saved tensors protected.
 
