@@ -83,6 +83,19 @@ def reference(setup, pack):
     return ref
 
 
+def test_reference_equals_out_of_place_blocks(setup, pack, reference):
+    """Cross-check of the reference: make `+=` out of place (Tensor.__iadd__ patched for this test
+    only, which turns ComfyUI's residual adds into `x = x + ...`) and compare."""
+    family, net, lora = setup
+    torch.Tensor.__iadd__ = lambda self, other: self + other
+    try:
+        out_of_place = lora_grads(net, lora, family, pack["safety"].op_substitutions(pack["compat"].rope_substitutions()))
+    finally:
+        del torch.Tensor.__iadd__
+    errors = relative_errors(out_of_place, reference)
+    assert max(errors.values()) < TOLERANCE, errors
+
+
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_protected_gradients_match_reference(setup, pack, reference, checkpointing):
     family, net, lora = setup
@@ -110,9 +123,15 @@ def _builtin_trainer_checkpointing(blocks, substitute):
             run, _fwd, args, kwargs, use_reentrant=False)
 
 
-@pytest.mark.parametrize("targets", [LORA_TARGETS, LORA_TARGETS[1:]], ids=["with_img_in", "blocks_only"])
+@pytest.mark.parametrize("targets", [LORA_TARGETS + ("txt_in", "txt_in.input_embedder"), LORA_TARGETS[1:]],
+                         ids=["streams_require_grad", "blocks_only"])
 def test_unprotected_checkpointing_fails(setup, pack, targets):
-    """The built-in trainer's setup (torch checkpoint, no protection) gives wrong gradients or raises."""
+    """The built-in trainer's setup (torch checkpoint, no protection) gives wrong gradients or raises.
+
+    Which one depends on whether the residual streams already require grad when they enter the first
+    block: if not, overwriting them changes what the recomputation saves and torch notices; if they do
+    (Flux with deltas on img_in and txt_in, as measured), the recomputation silently starts from the
+    overwritten inputs and only the comparison with the reference catches it."""
     family, net, _ = setup
     lora = Lora(net, seed=7, targets=targets)
     subs = pack["compat"].rope_substitutions()
@@ -126,8 +145,11 @@ def test_unprotected_checkpointing_fails(setup, pack, targets):
             # torch's checkpoint notices that the block overwrote its own inputs (it recomputes a
             # different graph); loud, like the unprotected run without checkpointing.
             assert "checkpoint" in str(error) or "inplace" in str(error), error
+            assert not (family == "flux" and "txt_in" in targets), "expected the silent failure here"
+            print(f"unprotected checkpointing raised: {str(error).splitlines()[0]}")
             return
         errors = relative_errors(got, ref)
+        print(f"unprotected checkpointing: max relative gradient error {max(errors.values()):.2e}")
         assert max(errors.values()) > 100 * TOLERANCE, errors
     finally:
         lora.remove()
