@@ -142,21 +142,6 @@ def materialize_inference_tensors(module: torch.nn.Module) -> int:
     return replaced
 
 
-@contextmanager
-def comfy_training_mode():
-    """ComfyUI 0.33's flag that makes its ops avoid kernels with no autograd formula (comfy-kitchen's
-    RoPE). ComfyUI 0.8 has no such flag (and no such kernel in use); then this does nothing."""
-    has_flag = hasattr(comfy.model_management, "in_training")
-    previous = getattr(comfy.model_management, "in_training", None)
-    if has_flag:
-        comfy.model_management.in_training = True
-    try:
-        yield
-    finally:
-        if has_flag:
-            comfy.model_management.in_training = previous
-
-
 def process_latent_in(model_patcher, latent: torch.Tensor) -> torch.Tensor:
     """VAE latents -> the model's latent space (scale/shift of its latent format)."""
     return model_patcher.model.process_latent_in(latent)
@@ -215,3 +200,31 @@ def capture_lora_warnings():
 def apply_lora(model, clip, lora_state: dict, strength_model: float, strength_clip: float):
     """ComfyUI's own LoRA application (the path LoraLoader takes), on clones of model and clip."""
     return comfy.sd.load_lora_for_models(model, clip, lora_state, strength_model, strength_clip)
+def _rope1(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    """Interleaved RoPE (pair k = elements 2k, 2k+1) in plain, differentiable torch ops.
+    freqs_cis [..., L, D/2, 2, 2] holds each pair's 2x2 rotation."""
+    pairs = x.to(freqs_cis.dtype).reshape(*x.shape[:-1], -1, 1, 2)
+    if freqs_cis.ndim > 2 and x.ndim > 2 and x.shape[2] != 1 and freqs_cis.shape[2] > x.shape[2]:
+        freqs_cis = freqs_cis[:, :, :x.shape[2]]
+    return (freqs_cis * pairs).sum(-1).reshape(x.shape).type_as(x)
+
+
+def _rope(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor):
+    return _rope1(xq, freqs_cis), _rope1(xk, freqs_cis)
+
+
+def rope_substitutions() -> dict:
+    """comfy-kitchen's RoPE ops have no autograd formula and Flux / HunyuanVideo call them whenever
+    comfy-kitchen is importable (always on 0.8; on 0.33 unless `in_training` is set), on CPU too.
+    Map them to differentiable equivalents; the training protection applies this thread-locally."""
+    try:
+        kitchen = torch.ops.comfy_kitchen
+        ops = {"apply_rope": (kitchen.apply_rope, _rope), "apply_rope1": (kitchen.apply_rope1, _rope1)}
+    except (AttributeError, RuntimeError):  # comfy-kitchen not loaded: ComfyUI uses plain torch RoPE
+        return {}
+    subs = {}
+    for packet, replacement in ops.values():
+        subs[packet] = replacement
+        for name in packet.overloads():
+            subs[getattr(packet, name)] = replacement
+    return subs

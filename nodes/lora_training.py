@@ -76,7 +76,7 @@ def train_lora(model_patcher, dataset: EncodedDataset, job: LoraJob) -> LoraResu
                 raise
             stop["requested"] = True
 
-    with torch.inference_mode(False), torch.enable_grad(), cc.comfy_training_mode():
+    with torch.inference_mode(False), torch.enable_grad():
         patcher = cc.training_clone(model_patcher)
         cc.load_for_compute(patcher)
         cc.materialize_inference_tensors(patcher.model)

@@ -1,0 +1,290 @@
+"""Correct gradients through modules that mutate tensors autograd saved (ComfyUI's Flux-style blocks).
+
+Model code such as `x += residual` overwrites a tensor that an earlier op (a LayerNorm, a matmul) saved
+for backward. Plain autograd then raises ("modified by an inplace operation"); torch's checkpointing
+hides the damage and returns wrong gradients, because it recomputes from inputs the block already
+overwrote and stores recomputed tensors by reference. This module fixes both cases without touching the
+model code and without global state:
+
+* `copy_on_write_saved_tensors()` installs `saved_tensors_hooks` that keep a reference plus the version
+  of every saved tensor, and a thread-local `TorchFunctionMode` that, right before any in-place op,
+  copies the saved tensors that share the target's storage. Only tensors that are really overwritten
+  are copied, so memory is what out-of-place code would use. At unpack time every uncopied tensor's
+  version is checked; a mutation the mode did not see raises `UnsafeInplaceError` instead of yielding a
+  wrong gradient.
+* `checkpoint_blocks(blocks)` replaces each block's `forward` (an instance attribute, deleted again on
+  exit) by a checkpoint that runs the block on copies of its inputs (the block may overwrite them), and
+  recomputes it in backward under `copy_on_write_saved_tensors()`.
+* `protected_training(blocks, checkpointing)` combines the two. Nothing stays installed after it exits.
+
+Gradients of parameters used inside checkpointed blocks are accumulated into `.grad` by the recompute,
+so train with `loss.backward()` (not `torch.autograd.grad`), like any reentrant checkpoint.
+"""
+from __future__ import annotations
+
+import contextlib
+import weakref
+from typing import Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
+
+
+class UnsafeInplaceError(RuntimeError):
+    """A tensor saved for backward was overwritten in a way the protection could not undo."""
+
+
+# Tensor methods whose trailing underscore does not mean "writes the tensor's data".
+_NOT_DATA_WRITES = frozenset({"requires_grad_", "retain_grad", "share_memory_", "record_stream"})
+_INPLACE_DUNDERS = frozenset({"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__",
+                              "__ifloordiv__", "__imod__", "__ipow__", "__iand__", "__ior__", "__ixor__",
+                              "__ilshift__", "__irshift__", "__imatmul__"})
+
+
+def _written_tensors(func, args, kwargs) -> list[torch.Tensor]:
+    """The tensors an op writes into: `self` of an in-place op, and `out=` arguments."""
+    written = []
+    name = getattr(func, "__name__", "")
+    if args and isinstance(args[0], torch.Tensor):
+        if name in _INPLACE_DUNDERS or (name.endswith("_") and not name.startswith("_")
+                                        and name not in _NOT_DATA_WRITES):
+            written.append(args[0])
+    out = kwargs.get("out") if kwargs else None
+    if isinstance(out, torch.Tensor):
+        written.append(out)
+    elif isinstance(out, (tuple, list)):
+        written.extend(t for t in out if isinstance(t, torch.Tensor))
+    return written
+
+
+def _storage_key(t: torch.Tensor):
+    try:
+        return t.untyped_storage().data_ptr()
+    except Exception:  # tensor subclasses without a plain storage: version check only
+        return None
+
+
+def _version(t: torch.Tensor):
+    try:
+        return t._version
+    except Exception:  # inference tensors carry no version counter
+        return None
+
+
+class _Saved:
+    """One saved tensor: a reference and its version, or a copy taken before it was overwritten."""
+    __slots__ = ("tensor", "version", "copy", "description", "__weakref__")
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor.detach()  # no reference cycle through grad_fn; shares the version counter
+        self.version = _version(tensor)
+        self.copy = None
+        self.description = f"{tuple(tensor.shape)} {tensor.dtype}"
+
+
+class _CopyOnWriteMode(TorchFunctionMode):
+    def __init__(self, registry: dict, substitutions: Mapping[Callable, Callable]):
+        super().__init__()
+        self.registry = registry
+        self.substitutions = substitutions
+        self.copies = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        replacement = self.substitutions.get(func)
+        if replacement is not None:
+            return replacement(*args, **kwargs)
+        for target in _written_tensors(func, args, kwargs):
+            key = _storage_key(target)
+            holders = self.registry.get(key) if key is not None else None
+            if not holders:
+                continue
+            for saved in list(holders):
+                if saved.copy is None and saved.tensor is not None and saved.version == _version(saved.tensor):
+                    saved.copy = saved.tensor.clone()
+                    saved.tensor = None
+                    self.copies += 1
+            holders.clear()
+        return func(*args, **kwargs)
+
+
+class _Protection:
+    """Statistics of one protected region (for benchmarks and tests)."""
+
+    def __init__(self):
+        self.saved = 0
+        self.copies = 0
+
+
+@contextlib.contextmanager
+def copy_on_write_saved_tensors(substitutions: Mapping[Callable, Callable] | None = None):
+    """Autograd-saved tensors survive later in-place ops in this region (copied on first write);
+    any write the region could not intercept raises `UnsafeInplaceError` in backward.
+
+    `substitutions` maps ops (as a `TorchFunctionMode` sees them, e.g. `torch.ops.lib.op`) to
+    differentiable replacements used inside the region only."""
+    registry: dict = {}
+    stats = _Protection()
+
+    def pack(t: torch.Tensor):
+        saved = _Saved(t)
+        key = _storage_key(t)
+        if key is not None:
+            registry.setdefault(key, weakref.WeakSet()).add(saved)
+        stats.saved += 1
+        return saved
+
+    def unpack(saved: _Saved) -> torch.Tensor:
+        if saved.copy is not None:
+            return saved.copy
+        if saved.version is not None and _version(saved.tensor) != saved.version:
+            raise UnsafeInplaceError(
+                f"a tensor saved for backward ({saved.description}) was overwritten in place by an op the "
+                f"gradient protection could not intercept (version {saved.version} -> "
+                f"{_version(saved.tensor)}); refusing to compute a wrong gradient.")
+        return saved.tensor
+
+    mode = _CopyOnWriteMode(registry, dict(substitutions or {}))
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack), mode:
+            yield stats
+    finally:
+        stats.copies += mode.copies
+        registry.clear()
+
+
+def _clone_input(t):
+    return t.clone() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+
+
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def _autocast_state():
+    state = {}
+    for device in _AUTOCAST_DEVICES:
+        try:
+            state[device] = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        except Exception:
+            pass
+    return state
+
+
+@contextlib.contextmanager
+def _autocast(state):
+    with contextlib.ExitStack() as stack:
+        for device, (enabled, dtype) in state.items():
+            stack.enter_context(torch.autocast(device_type=device, dtype=dtype, enabled=enabled))
+        yield
+
+
+class _BlockCheckpoint(torch.autograd.Function):
+    """Forward without keeping activations; backward recomputes the block with saved tensors protected.
+
+    Inputs: (run, box, anchor, *tensors). `run(tensors)` calls the block; `box` carries non-tensor
+    state both ways (the substitutions in, the output structure out); `anchor` is an empty tensor that
+    requires grad so that backward runs even when no input does (the block's own trainable weights
+    still need it)."""
+
+    @staticmethod
+    def forward(ctx, run, box, anchor, *tensors):
+        ctx.run, ctx.box = run, box
+        ctx.autocast = _autocast_state()
+        ctx.save_for_backward(*tensors)  # autograd checks their versions: a later overwrite raises
+        with torch.no_grad():
+            outputs = run([_clone_input(t) for t in tensors])
+        flat, box["out_spec"] = pytree.tree_flatten(outputs)
+        box["out_values"] = [None if isinstance(o, torch.Tensor) else o for o in flat]
+        return tuple(o for o in flat if isinstance(o, torch.Tensor))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        leaves = [t.detach().requires_grad_(t.requires_grad) if t.is_floating_point() else t.detach()
+                  for t in ctx.saved_tensors]
+        with torch.enable_grad(), _autocast(ctx.autocast), \
+                copy_on_write_saved_tensors(ctx.box["substitutions"]):
+            outputs = ctx.run([_clone_input(t) for t in leaves])
+        flat = [o for o in pytree.tree_leaves(outputs) if isinstance(o, torch.Tensor)]
+        pairs = [(o, g) for o, g in zip(flat, grads) if g is not None and o.requires_grad]
+        if pairs:
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        return (None, None, None, *[leaf.grad if leaf.requires_grad else None for leaf in leaves])
+
+
+def _checkpointed_forward(original: Callable, substitutions: Mapping):
+    def forward(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return original(*args, **kwargs)
+        flat, tree = pytree.tree_flatten((args, kwargs))
+        slots = [i for i, x in enumerate(flat) if isinstance(x, torch.Tensor)]
+
+        def run(tensors):
+            filled = list(flat)
+            for i, t in zip(slots, tensors):
+                filled[i] = t
+            call_args, call_kwargs = pytree.tree_unflatten(filled, tree)
+            return original(*call_args, **call_kwargs)
+
+        box = {"substitutions": substitutions}
+        anchor = torch.empty(0, requires_grad=True)
+        outs = iter(_BlockCheckpoint.apply(run, box, anchor, *[flat[i] for i in slots]))
+        rebuilt = [next(outs) if value is None else value for value in box["out_values"]]
+        return pytree.tree_unflatten(rebuilt, box["out_spec"])
+
+    return forward
+
+
+@contextlib.contextmanager
+def op_substitutions(substitutions: Mapping[Callable, Callable]):
+    """Only the op substitutions of the protection (no saved-tensor handling), for this thread."""
+    with _CopyOnWriteMode({}, dict(substitutions)):
+        yield
+
+
+@contextlib.contextmanager
+def checkpoint_blocks(blocks: Iterable[nn.Module], substitutions: Mapping[Callable, Callable] | None = None):
+    """Gradient-checkpoint each block, with its inputs copied and its saved tensors protected.
+
+    Installs an instance-level `forward` on each block and removes it on exit (also on errors)."""
+    subs = dict(substitutions or {})
+    installed = []
+    try:
+        for block in blocks:
+            if "forward" in vars(block):
+                raise RuntimeError(f"{type(block).__name__} already has an instance-level forward; "
+                                   "refusing to stack checkpoint wrappers")
+            block.forward = _checkpointed_forward(type(block).forward.__get__(block), subs)
+            installed.append(block)
+        yield
+    finally:
+        for block in installed:
+            vars(block).pop("forward", None)
+
+
+@contextlib.contextmanager
+def protected_training(blocks: Iterable[nn.Module], checkpointing: bool,
+                       substitutions: Mapping[Callable, Callable] | None = None):
+    """Run forward passes whose gradients are correct despite in-place ops on saved tensors.
+
+    All saved tensors of the region are copy-on-write protected; with `checkpointing`, each of `blocks`
+    is also checkpointed (activations recomputed in backward, under the same protection). Call
+    `loss.backward()` inside or after the region; nothing stays installed once it exits. Yields the
+    region's statistics (saved tensors seen, copies made)."""
+    with contextlib.ExitStack() as stack:
+        if checkpointing:
+            stack.enter_context(checkpoint_blocks(blocks, substitutions))
+        yield stack.enter_context(copy_on_write_saved_tensors(substitutions))
+
+
+@contextlib.contextmanager
+def clone_all_saved_tensors(substitutions: Mapping[Callable, Callable] | None = None):
+    """A known-correct but expensive reference: every tensor autograd saves is copied when saved.
+    For tests and benchmarks; it cannot be combined with checkpointing."""
+    def pack(t):
+        return t.detach().clone()
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            _CopyOnWriteMode({}, dict(substitutions or {})):
+        yield
