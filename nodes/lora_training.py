@@ -113,7 +113,9 @@ def train_lora(model_patcher, dataset: EncodedDataset, job: LoraJob) -> LoraResu
                 state=state, optimizer_state=optimizer_state, callbacks=callbacks,
                 checkpoint_every=job.checkpoint_every)
             cancelled = state.step < job.train.steps
-            if cancelled or (job.checkpoint_every and state.step % job.checkpoint_every != 0):
+            # The final state is always checkpointed too: a cancelled run resumes from it, and a finished
+            # one can be continued with more steps.
+            if state.step > 0 and not (checkpoints and checkpoints[-1].name == f"step_{state.step:06d}"):
                 write_checkpoint(state, optimizer, scheduler)
             names = cc.sd_unet_diffusers_names(patcher) if view.family in (Family.SD15, Family.SDXL) else None
             tensors = lora_state_dict(view.family, adapter.low_rank_factors(), names)
