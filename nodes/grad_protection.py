@@ -28,6 +28,45 @@ def transformer_blocks(model) -> list[nn.Module]:
     return blocks
 
 
+# SD1.5 / SDXL UNets (openaimodel.UNetModel): the blocks checkpointing recomputes.
+UNET_BLOCKS = ("input_blocks", "middle_block", "output_blocks")
+
+
+def checkpoint_units(model) -> list[nn.Module]:
+    """The blocks whose activations gradient checkpointing recomputes: Flux-style transformer blocks,
+    or a UNet's input, middle and output blocks."""
+    net = diffusion_model_of(model)
+    if any(getattr(net, name, None) is not None for name in BLOCK_LISTS):
+        return transformer_blocks(net)
+    units = []
+    for name in UNET_BLOCKS:
+        part = getattr(net, name, None)
+        if isinstance(part, nn.ModuleList):
+            units += list(part)
+        elif isinstance(part, nn.Module):
+            units.append(part)
+    if not units:
+        raise ValueError(f"{type(net).__name__} has no blocks Dojo knows how to checkpoint")
+    return units
+
+
+def needs_protection(model) -> bool:
+    """Whether the model has blocks known to write in place into tensors autograd saved."""
+    net = diffusion_model_of(model)
+    return any(getattr(net, name, None) is not None for name in BLOCK_LISTS)
+
+
+@contextlib.contextmanager
+def training_region(model, checkpointing: bool):
+    """Where a training step's forward and backward run: copy-on-write protection for models that
+    need it (or whenever blocks are checkpointed, so that recomputation is protected too)."""
+    if not (checkpointing or needs_protection(model)):
+        yield None
+        return
+    with protected_training(checkpoint_units(model), checkpointing, rope_substitutions()) as stats:
+        yield stats
+
+
 @contextlib.contextmanager
 def protected_comfy_training(model, checkpointing: bool):
     """Forward/backward through a ComfyUI Flux or HunyuanVideo model with correct gradients; see

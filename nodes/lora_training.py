@@ -22,6 +22,7 @@ from ..training.lora_formats import lora_state_dict
 from ..training.protocol import Family, TargetPreset
 from . import comfy_compat as cc
 from .comfy_model import ComfyDenoisingModel
+from .grad_protection import training_region
 
 log = logging.getLogger("comfyui-dojo")
 
@@ -40,6 +41,7 @@ class LoraJob:
     targets: TargetPreset
     train: TrainConfig
     batch_size: int = 1
+    gradient_checkpointing: bool = False
     checkpoint_every: int = 0
     checkpoint_dir: Path | None = None
     resume_from: Path | None = None
@@ -108,10 +110,11 @@ def train_lora(model_patcher, dataset: EncodedDataset, job: LoraJob) -> LoraResu
             callbacks = Callbacks(on_step=on_step,
                                   should_stop=lambda: stop["requested"] or cc.interrupt_requested(),
                                   on_checkpoint=write_checkpoint)
-            state, optimizer, scheduler = train(
-                view, adapter, BatchSchedule(samples, job.batch_size, job.train.seed), job.train, device=device,
-                state=state, optimizer_state=optimizer_state, callbacks=callbacks,
-                checkpoint_every=job.checkpoint_every)
+            with training_region(patcher, job.gradient_checkpointing):
+                state, optimizer, scheduler = train(
+                    view, adapter, BatchSchedule(samples, job.batch_size, job.train.seed), job.train, device=device,
+                    state=state, optimizer_state=optimizer_state, callbacks=callbacks,
+                    checkpoint_every=job.checkpoint_every)
             cancelled = state.step < job.train.steps
             # The final state is always checkpointed too: a cancelled run resumes from it, and a finished
             # one can be continued with more steps.

@@ -30,11 +30,20 @@ def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + step * 7919 + stream * 104_729) % (2 ** 63))
 
 
+def _collate_extra(name: str, values: list):
+    if all(torch.is_tensor(v) for v in values):
+        return torch.cat(values)
+    if any(v != values[0] for v in values):
+        raise ValueError(f"cannot batch conditionings whose '{name}' differs ({values[0]!r} vs others); "
+                         "use batch size 1 or encode them alike")
+    return values[0]
+
+
 def collate(samples: list[Sample], indices: list[int]) -> Batch:
     cond = Conditioning(
         context=torch.cat([s.cond.context for s in samples]),
         pooled=None if samples[0].cond.pooled is None else torch.cat([s.cond.pooled for s in samples]),
-        extra={k: torch.cat([s.cond.extra[k] for s in samples]) for k in samples[0].cond.extra},
+        extra={k: _collate_extra(k, [s.cond.extra[k] for s in samples]) for k in samples[0].cond.extra},
     )
     return Batch(torch.stack([s.latent for s in samples]), cond, indices)
 

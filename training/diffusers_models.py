@@ -70,8 +70,9 @@ class DiffusersFlux:
         img_ids[..., 2] = torch.arange(w // 2, device=noisy.device)[None, :]
         txt_ids = torch.zeros(cond.context.shape[1], 3, device=noisy.device)
         guidance = cond.extra.get("guidance")
-        if guidance is None and self.transformer.config.guidance_embeds:
-            guidance = torch.ones(b, device=noisy.device)
+        if self.transformer.config.guidance_embeds:
+            guidance = torch.as_tensor(1.0 if guidance is None else guidance, device=noisy.device,
+                                       dtype=torch.float32).expand(b)
         out = self.transformer(packed, encoder_hidden_states=cond.context, pooled_projections=cond.pooled,
                                timestep=t.to(noisy.dtype), img_ids=img_ids.reshape(-1, 3), txt_ids=txt_ids,
                                guidance=guidance).sample

@@ -93,7 +93,8 @@ class Conditioning:
     """A batch of text conditioning as the family's model consumes it.
 
     `context` is the text encoder's hidden states [B, L, D]; `pooled` the pooled vector where the
-    family has one; `extra` holds the rest by name (attention masks, guidance, SDXL size ids).
+    family has one; `extra` holds the rest by name (attention masks, SDXL size ids): tensors with a
+    batch dimension, or plain numbers shared by the whole batch (ComfyUI keeps guidance as a float).
     """
     context: torch.Tensor
     pooled: torch.Tensor | None = None
@@ -101,8 +102,8 @@ class Conditioning:
 
     def to(self, device=None, dtype=None) -> "Conditioning":
         def move(x):
-            if x is None:
-                return None
+            if not torch.is_tensor(x):
+                return x
             return x.to(device=device, dtype=dtype if x.is_floating_point() else None)
         return Conditioning(move(self.context), move(self.pooled), {k: move(v) for k, v in self.extra.items()})
 

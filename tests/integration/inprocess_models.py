@@ -5,14 +5,36 @@ from __future__ import annotations
 
 import torch
 
-from tiny_comfy_models import randomize_
+from tiny_comfy_models import FLUX_TINY_NET, HUNYUAN_VIDEO_TINY_NET, randomize_
+
+
+def _patcher(config_name: str, unet_config: dict, seed: int):
+    """Build ComfyUI's BaseModel for `config_name` (a comfy.supported_models class) the way its loaders
+    do, with random weights, and wrap it in a ModelPatcher."""
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+    config = getattr(comfy.supported_models, config_name)(dict(unet_config, dtype=torch.float32))
+    config.set_inference_dtype(torch.float32, None)
+    with torch.inference_mode():  # as in ComfyUI's loaders: parameters are inference tensors
+        model = config.get_model({})
+        randomize_(model.diffusion_model, seed)
+    return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
+                                            offload_device=comfy.model_management.unet_offload_device())
+
+
+def tiny_flux_patcher(seed: int = 0):
+    """A Flux.1 (dev-style, guidance-embedded) BaseModel with a tiny network: context 48, pooled 32."""
+    return _patcher("Flux", dict(FLUX_TINY_NET, image_model="flux"), seed)
+
+
+def tiny_hunyuan_video_patcher(seed: int = 0):
+    """A HunyuanVideo BaseModel with a tiny network: context 48, pooled 32."""
+    return _patcher("HunyuanVideo", HUNYUAN_VIDEO_TINY_NET, seed)
 
 
 def tiny_sd15_patcher(seed: int = 0, model_channels: int = 32, context_dim: int = 768):
     """An SD1.5 BaseModel (eps, ComfyUI's SD15 config) with a 2-level UNet of width `model_channels`."""
-    import comfy.model_management
-    import comfy.model_patcher
-    import comfy.supported_models
     unet_config = {
         "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": model_channels,
         "num_res_blocks": [1, 1], "channel_mult": [1, 2], "transformer_depth": [1, 0],
@@ -20,12 +42,5 @@ def tiny_sd15_patcher(seed: int = 0, model_channels: int = 32, context_dim: int 
         "use_spatial_transformer": True, "legacy": False,
         "context_dim": context_dim, "num_heads": 4, "num_head_channels": -1, "use_linear_in_transformer": False,
         "adm_in_channels": None, "use_temporal_attention": False, "use_temporal_resblock": False,
-        "dtype": torch.float32,
     }
-    config = comfy.supported_models.SD15(unet_config)
-    config.set_inference_dtype(torch.float32, None)
-    with torch.inference_mode():  # as in ComfyUI's loaders: parameters are inference tensors
-        model = config.get_model({})
-        randomize_(model.diffusion_model, seed)
-    return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
-                                            offload_device=comfy.model_management.unet_offload_device())
+    return _patcher("SD15", unet_config, seed)

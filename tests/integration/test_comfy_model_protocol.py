@@ -50,7 +50,7 @@ def test_flow_prediction_is_the_raw_velocity(comfy, hunyuan_file, pack):
     noisy = torch.randn(1, 16, 1, 8, 8, generator=g)
     t = torch.tensor([0.6])
     cond = protocol.Conditioning(torch.randn(1, 5, 768, generator=g), torch.randn(1, 768, generator=g),
-                                 {"guidance": torch.tensor([1.0])})
+                                 {"guidance": 1.0})
     with torch.inference_mode():
         velocity = view.predict(noisy, t, cond)
         # ComfyUI's own apply_model returns x0 = x - sigma * v for flow models.

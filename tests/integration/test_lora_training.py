@@ -1,12 +1,13 @@
-"""Train LoRA through ComfyUI's MODEL (SD1.5, eps): it learns, the base model is untouched, the file
-layout loads through ComfyUI's own LoRA path with no unloaded key, and strength scales linearly."""
+"""Train LoRA through ComfyUI's MODEL (SD1.5 eps, Flux and HunyuanVideo flow): it learns, the base model
+is untouched, the file layout loads through ComfyUI's own LoRA path with no unloaded key, and strength
+scales linearly."""
 import importlib
 import sys
 
 import pytest
 import torch
 
-from inprocess_models import tiny_sd15_patcher
+from inprocess_models import tiny_flux_patcher, tiny_hunyuan_video_patcher, tiny_sd15_patcher
 
 pytestmark = pytest.mark.integration
 
@@ -20,13 +21,30 @@ def dojo(comfy):
     return type("Dojo", (), {k.split(".")[-1]: v for k, v in mods.items()})
 
 
-def encoded(dojo, n=4, size=16, seed=0):
+# family -> (model builder, latent shape, text width, pooled width or None, key every file key starts with)
+FAMILIES = {
+    "sd15": (tiny_sd15_patcher, (4, 16, 16), 768, None, "lora_unet_"),
+    "flux": (tiny_flux_patcher, (16, 16, 16), 48, 32, "lora_unet_"),
+    "hunyuan_video": (tiny_hunyuan_video_patcher, (16, 3, 8, 8), 48, 32, "diffusion_model."),
+}
+
+
+def cond_for(dojo, family, batch, g):
+    _, _, width, pooled, _ = FAMILIES[family]
+    extra = {} if pooled is None else {"guidance": 1.0}
+    return dojo.protocol.Conditioning(torch.randn(batch, 7, width, generator=g),
+                                      None if pooled is None else torch.randn(batch, pooled, generator=g), extra)
+
+
+def encoded(dojo, family="sd15", n=4, seed=0):
     g = torch.Generator().manual_seed(seed)
+    shape = FAMILIES[family][1]
     samples, captions = [], []
     for i in range(n):
-        yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
-        latent = torch.stack([torch.sin(3 * xx + i), torch.cos(2 * yy - i), xx * yy, xx + yy]) * 4.0
-        samples.append(dojo.batches.Sample(latent, dojo.protocol.Conditioning(torch.randn(1, 77, 768, generator=g))))
+        pattern = torch.linspace(-1, 1, shape[-1])
+        latent = (torch.sin(3 * pattern + i)[None, :] * torch.cos(2 * pattern - i)[:, None]).expand(shape).clone()
+        latent = latent * (1 + torch.arange(shape[0]).reshape(-1, *[1] * (len(shape) - 1)) / shape[0]) * 2.0
+        samples.append(dojo.batches.Sample(latent, cond_for(dojo, family, 1, g)))
         captions.append(f"caption {i}")
     return dojo.encoded.EncodedDataset(samples, captions)
 
@@ -39,12 +57,12 @@ def job(dojo, steps=30, lr=1e-2, **kw):
         batch_size=2, **kw)
 
 
-def reference_output(dojo, patcher):
+def reference_output(dojo, patcher, family="sd15"):
     dojo.comfy_compat.load_for_compute(patcher)  # as sampling does: applies this patcher's LoRA patches
     view = dojo.comfy_model.ComfyDenoisingModel(patcher)
     g = torch.Generator().manual_seed(7)
-    x = torch.randn(2, 4, 16, 16, generator=g)
-    cond = dojo.protocol.Conditioning(torch.randn(2, 77, 768, generator=g))
+    x = torch.randn(2, *FAMILIES[family][1], generator=g)
+    cond = cond_for(dojo, family, 2, g)
     with torch.inference_mode():
         return view.predict(x, torch.tensor([0.3, 0.7]), cond)
 
@@ -53,27 +71,32 @@ def fixed_loss(dojo, patcher, data):
     dojo.comfy_compat.load_for_compute(patcher)
     view = dojo.comfy_model.ComfyDenoisingModel(patcher)
     latents = torch.stack([patcher.model.process_latent_in(s.latent[None])[0] for s in data.samples])
-    cond = dojo.protocol.Conditioning(torch.cat([s.cond.context for s in data.samples]))
+    cond = dojo.batches.collate(data.samples, list(range(len(data)))).cond
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
         return dojo.loop.diffusion_loss(view, latents, cond, torch.linspace(0.2, 0.8, len(data)), noise).item()
 
 
-def test_training_learns_and_leaves_the_base_model_bit_identical(comfy, dojo, tmp_path):
-    patcher = tiny_sd15_patcher()
-    data = encoded(dojo)
-    before_out = reference_output(dojo, patcher)
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_training_learns_and_leaves_the_base_model_bit_identical(comfy, dojo, tmp_path, family, checkpointing):
+    build, _, _, _, key_start = FAMILIES[family]
+    patcher = build()
+    data = encoded(dojo, family)
+    before_out = reference_output(dojo, patcher, family)
     modules_before = dict(patcher.model.diffusion_model.named_modules())
     flags_before = {n: p.requires_grad for n, p in patcher.model.named_parameters()}
-    result = dojo.lora_training.train_lora(patcher, data, job(dojo, checkpoint_dir=tmp_path / "ckpt"))
+    result = dojo.lora_training.train_lora(patcher, data, job(dojo, checkpoint_dir=tmp_path / "ckpt",
+                                                              gradient_checkpointing=checkpointing))
     assert result.steps_done == 30 and not result.cancelled
-    assert torch.equal(reference_output(dojo, patcher), before_out)
+    assert torch.equal(reference_output(dojo, patcher, family), before_out)
     assert dict(patcher.model.diffusion_model.named_modules()) == modules_before
     assert {n: p.requires_grad for n, p in patcher.model.named_parameters()} == flags_before
 
     keys = list(result.lora)
-    assert keys and all(k.startswith("lora_unet_") for k in keys)
-    assert any("down_blocks_0_attentions_0" in k for k in keys)  # diffusers naming, as A1111/diffusers expect
+    assert keys and all(k.startswith(key_start) for k in keys)
+    if family == "sd15":
+        assert any("down_blocks_0_attentions_0" in k for k in keys)  # diffusers naming, as A1111/diffusers expect
     before_loss = fixed_loss(dojo, patcher, data)
     with dojo.comfy_compat.capture_lora_warnings() as unloaded:
         trained, _ = dojo.comfy_compat.apply_lora(patcher, None, result.lora, 1.0, 0.0)
@@ -81,7 +104,7 @@ def test_training_learns_and_leaves_the_base_model_bit_identical(comfy, dojo, tm
     assert len(trained.patches) == len(keys) // 2
     after_loss = fixed_loss(dojo, trained, data)
     assert after_loss < 0.85 * before_loss, (before_loss, after_loss, result.losses[:3], result.losses[-3:])
-    assert (tmp_path / "ckpt").is_dir()
+    assert (tmp_path / "ckpt" / "step_000030" / "state.json").is_file()
 
 
 def test_strength_scales_the_change_linearly(comfy, dojo):
