@@ -68,6 +68,14 @@ def tiny_sd15_checkpoint(comfy) -> str:
 
 
 @pytest.fixture(scope="session")
+def smallest_sdxl_checkpoint(comfy) -> str:
+    """models/checkpoints: the smallest SDXL checkpoint ComfyUI detects (UNet with SDXL's pinned depths,
+    full-size random CLIP-L + CLIP-G, TAESD VAE): 1.9 GB, ~26 s to write into an empty cache."""
+    import tiny_files
+    return tiny_files.provide_sdxl_checkpoint(comfy.base)
+
+
+@pytest.fixture(scope="session")
 def tiny_hunyuan_video_unet(comfy) -> str:
     """models/diffusion_models: a ~10 M-parameter HunyuanVideo transformer for UNETLoader."""
     import tiny_files
@@ -98,6 +106,6 @@ def tiny_flux(comfy):
 @pytest.fixture
 def tiny_sdxl(comfy):
     """A fresh ModelPatcher over ComfyUI's SDXL BaseModel with a tiny UNet (context 2048, adm 2816), built
-    in process: the smallest loader-detectable SDXL checkpoint is ~1.8 GB (see tiny_files.py)."""
+    in process (~2.6 M params): for tests that need an SDXL model, not the 1.9 GB checkpoint."""
     import tiny_files
     return tiny_files.build_tiny_sdxl()

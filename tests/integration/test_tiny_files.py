@@ -89,6 +89,23 @@ def test_sd15_checkpoint_in_a_prompt(comfy, tiny_sd15_checkpoint):
     assert "sd15" in result.ui_outputs["2"]["text"][0].lower()
 
 
+def test_sdxl_checkpoint(comfy, smallest_sdxl_checkpoint):
+    model, clip, vae = node(comfy, "CheckpointLoaderSimple").load_checkpoint(smallest_sdxl_checkpoint)[:3]
+    assert family(model) == "SDXL"
+    cond, pooled = encode_text(comfy, clip)
+    assert cond.shape == (1, 77, 2048)  # CLIP-L 768 + CLIP-G 1280
+    assert pooled.shape == (1, 1280)
+    assert_finite(cond)
+    latent = encode_pixels(comfy, vae, image())
+    assert latent.shape == (1, 4, 8, 8)
+    assert_finite(latent)
+    with torch.inference_mode():
+        out = model.model.apply_model(latent, torch.tensor([1.0]), c_crossattn=cond,
+                                      y=torch.randn(1, 2816, generator=torch.Generator().manual_seed(0)))
+    assert out.shape == latent.shape
+    assert_finite(out)
+
+
 def test_tiny_sdxl_builder(comfy, tiny_sdxl):
     assert family(tiny_sdxl) == "SDXL"
     g = torch.Generator().manual_seed(0)
@@ -139,3 +156,19 @@ def test_files_come_from_the_versioned_cache(comfy, tiny_sd_vae):
     cached = tiny_files.cache_dir() / tiny_sd_vae
     assert cached.is_file() and linked.resolve().stat().st_ino == cached.stat().st_ino
     assert tiny_files.cache_dir().parent.name == comfy.version
+
+
+def test_cache_writes_a_file_once_under_the_version_directories(comfy, tmp_path, monkeypatch):
+    import tiny_files
+    monkeypatch.setenv("DOJO_TEST_CACHE", str(tmp_path))
+    calls = []
+
+    def write(path):
+        calls.append(path)
+        path.write_bytes(b"weights")
+
+    first = tiny_files.cached_file("model.safetensors", write)
+    again = tiny_files.cached_file("model.safetensors", write)
+    assert first == again == tmp_path / comfy.version / f"v{tiny_files.BUILDER_VERSION}" / "model.safetensors"
+    assert len(calls) == 1 and first.read_bytes() == b"weights"
+    assert [p.name for p in first.parent.iterdir()] == ["model.safetensors"]

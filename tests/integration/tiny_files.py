@@ -55,6 +55,7 @@ def cached_file(name: str, write: Callable[[Path], object]) -> Path:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o644)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -180,8 +181,9 @@ def write_sd15_checkpoint(path: Path, seed: int = 5) -> Path:
 
 # SDXL detection pins model_channels 320, context 2048, adm 2816, linear projections and
 # transformer_depth [0, 0, 2, 2, 10, 10] (3 levels x 2 res blocks, 24 transformer blocks at least), and
-# the checkpoint must carry CLIP-L (123 M) and the fixed-size CLIP-G (695 M): ~0.9 G params, ~1.8 GB
-# in fp16. Routine tests build the model in process instead, with a tiny UNet of SDXL's shape.
+# the checkpoint carries CLIP-L (123 M) and the fixed-size CLIP-G (695 M). The smallest detectable
+# checkpoint (write_sdxl_checkpoint) is ~0.95 G params, 1.9 GB in fp16, ~26 s to write here, ~2 s to
+# load. Tests that only need an SDXL model use build_tiny_sdxl, a tiny UNet of SDXL's shape in process.
 SDXL_TINY_UNET = dict(
     use_checkpoint=False, image_size=32, use_spatial_transformer=True, legacy=False, num_classes="sequential",
     adm_in_channels=2816, in_channels=4, out_channels=4, model_channels=64, num_res_blocks=[1, 1],
@@ -189,6 +191,35 @@ SDXL_TINY_UNET = dict(
     transformer_depth_middle=1, use_linear_in_transformer=True, context_dim=2048,
     use_temporal_resblock=False, use_temporal_attention=False,
 )
+
+
+# The smallest UNet SDXL detection accepts: 320 channels at every level, the pinned input-side transformer
+# depths, nothing else with attention.
+SDXL_SMALLEST_DETECTABLE_UNET = dict(
+    SDXL_TINY_UNET, model_channels=320, num_res_blocks=[2, 2, 2], channel_mult=[1, 1, 1],
+    transformer_depth=[0, 0, 2, 2, 10, 10], transformer_depth_output=[0] * 9, transformer_depth_middle=-1,
+    num_heads=-1, num_head_channels=64,
+)
+
+
+def write_sdxl_checkpoint(path: Path, seed: int = 6) -> Path:
+    """The smallest SDXL checkpoint CheckpointLoaderSimple detects as SDXL: the UNet above (~0.1 G params),
+    random full-size CLIP-L and CLIP-G laid out by ComfyUI's own SDXL saving conversion, and a TAESD VAE.
+    fp16, 1.9 GB."""
+    import comfy.sdxl_clip
+    import comfy.supported_models
+    state = {}
+    for k, v in _unet(SDXL_SMALLEST_DETECTABLE_UNET, seed).state_dict().items():
+        state["model.diffusion_model." + k] = v.half()
+    clip = comfy.sdxl_clip.SDXLClipModel(device="cpu", dtype=torch.float32)
+    _random(clip, seed + 1)
+    clip_sd = {k: v.half() for k, v in clip.state_dict().items()}
+    del clip
+    config = comfy.supported_models.SDXL(dict(SDXL_SMALLEST_DETECTABLE_UNET))
+    state.update(config.process_clip_state_dict_for_saving(clip_sd))
+    for k, v in taesd_state_dict(4, seed + 2, 0.13025, 0.0).items():
+        state["first_stage_model." + k] = v
+    return _save(state, path, torch.float16)
 
 
 def _patcher(model_config, seed: int):
@@ -291,6 +322,10 @@ def provide_sd15_checkpoint(base: Path) -> str:
 
 def provide_hunyuan_video(base: Path) -> str:
     return provide(base, HUNYUAN_VIDEO_UNET, write_tiny_hunyuan_video)
+
+
+def provide_sdxl_checkpoint(base: Path) -> str:
+    return provide(base, ("checkpoints", "smallest_sdxl.safetensors"), write_sdxl_checkpoint)
 
 
 def provide_detectable_flux(base: Path) -> str:
