@@ -1,0 +1,174 @@
+"""The tiny model files load through ComfyUI's own loader nodes, are detected as the real families, and
+give finite outputs (tiny_files.py, DESIGN.md section 6)."""
+import pytest
+import torch
+
+pytestmark = pytest.mark.integration
+
+
+def node(comfy, name):
+    return comfy.nodes.NODE_CLASS_MAPPINGS[name]()
+
+
+def family(patcher) -> str:
+    return type(patcher.model.model_config).__name__
+
+
+def encode_text(comfy, clip, text="a photo"):
+    conditioning = node(comfy, "CLIPTextEncode").encode(clip, text)[0]
+    cond, extra = conditioning[0]
+    return cond, extra.get("pooled_output")
+
+
+def encode_pixels(comfy, vae, pixels):
+    return node(comfy, "VAEEncode").encode(vae, pixels)[0]["samples"]
+
+
+def image(frames=1, size=64, seed=0):
+    return torch.rand(frames, size, size, 3, generator=torch.Generator().manual_seed(seed))
+
+
+def assert_finite(t):
+    assert torch.isfinite(t).all()
+    assert t.abs().sum() > 0
+
+
+@pytest.mark.parametrize("fixture, channels", [("tiny_sd_vae", 4), ("tiny_flux_vae", 16)])
+def test_taesd_vaes_encode_images(comfy, request, fixture, channels):
+    vae = node(comfy, "VAELoader").load_vae(request.getfixturevalue(fixture))[0]
+    assert type(vae.first_stage_model).__name__ == "TAESD"
+    latent = encode_pixels(comfy, vae, image())
+    assert latent.shape == (1, channels, 8, 8)
+    assert_finite(latent)
+
+
+def test_taehv_vae_encodes_video_for_hunyuan_video(comfy, tiny_video_vae):
+    import importlib
+    latent_formats = importlib.import_module("comfy.latent_formats")
+    vae = node(comfy, "VAELoader").load_vae(tiny_video_vae)[0]
+    assert type(vae.first_stage_model).__name__ == "TAEHV"
+    # fp16 on disk is what makes ComfyUI take it as HunyuanVideo's TAEHV rather than lighttaew2_1.
+    assert vae.first_stage_model.latent_format is latent_formats.HunyuanVideo
+    latent = encode_pixels(comfy, vae, image(frames=5))
+    assert latent.shape == (1, 16, 2, 8, 8)
+    assert_finite(latent)
+
+
+def test_clip_l_text_encoder(comfy, tiny_clip_l):
+    clip = node(comfy, "CLIPLoader").load_clip(tiny_clip_l, "stable_diffusion")[0]
+    cond, pooled = encode_text(comfy, clip)
+    assert cond.shape == (1, 77, 768)
+    assert pooled.shape == (1, 768)
+    assert_finite(cond)
+    assert_finite(pooled)
+
+
+def test_sd15_checkpoint(comfy, tiny_sd15_checkpoint):
+    model, clip, vae = node(comfy, "CheckpointLoaderSimple").load_checkpoint(tiny_sd15_checkpoint)[:3]
+    assert family(model) == "SD15"
+    assert model.model.model_config.unet_config["model_channels"] == 320
+    cond, _ = encode_text(comfy, clip)
+    assert cond.shape == (1, 77, 768)
+    assert_finite(cond)
+    latent = encode_pixels(comfy, vae, image())
+    assert latent.shape == (1, 4, 8, 8)
+    assert_finite(latent)
+    with torch.inference_mode():
+        out = model.model.apply_model(latent, torch.tensor([1.0]), c_crossattn=cond)
+    assert out.shape == latent.shape
+    assert_finite(out)
+
+
+def test_sd15_checkpoint_in_a_prompt(comfy, tiny_sd15_checkpoint):
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": tiny_sd15_checkpoint}},
+        "2": {"class_type": "DojoModelInfo", "inputs": {"model": ["1", 0]}},
+    }
+    result = comfy.run(prompt)
+    assert result.success, result.error_message()
+    assert "sd15" in result.ui_outputs["2"]["text"][0].lower()
+
+
+def test_sdxl_checkpoint(comfy, smallest_sdxl_checkpoint):
+    model, clip, vae = node(comfy, "CheckpointLoaderSimple").load_checkpoint(smallest_sdxl_checkpoint)[:3]
+    assert family(model) == "SDXL"
+    cond, pooled = encode_text(comfy, clip)
+    assert cond.shape == (1, 77, 2048)  # CLIP-L 768 + CLIP-G 1280
+    assert pooled.shape == (1, 1280)
+    assert_finite(cond)
+    latent = encode_pixels(comfy, vae, image())
+    assert latent.shape == (1, 4, 8, 8)
+    assert_finite(latent)
+    with torch.inference_mode():
+        out = model.model.apply_model(latent, torch.tensor([1.0]), c_crossattn=cond,
+                                      y=torch.randn(1, 2816, generator=torch.Generator().manual_seed(0)))
+    assert out.shape == latent.shape
+    assert_finite(out)
+
+
+def test_tiny_sdxl_builder(comfy, tiny_sdxl):
+    assert family(tiny_sdxl) == "SDXL"
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    with torch.inference_mode():
+        out = tiny_sdxl.model.apply_model(x, torch.tensor([1.0]), c_crossattn=torch.randn(1, 77, 2048, generator=g),
+                                          y=torch.randn(1, 2816, generator=g))
+    assert out.shape == x.shape
+    assert_finite(out)
+
+
+def test_hunyuan_video_unet(comfy, tiny_hunyuan_video_unet):
+    model = node(comfy, "UNETLoader").load_unet(tiny_hunyuan_video_unet, "default")[0]
+    assert family(model) == "HunyuanVideo"
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 16, 2, 8, 8, generator=g)
+    with torch.inference_mode():
+        out = model.model.apply_model(x, torch.tensor([0.6]), c_crossattn=torch.randn(1, 5, 768, generator=g),
+                                      y=torch.randn(1, 768, generator=g), guidance=torch.tensor([1.0]))
+    assert out.shape == x.shape
+    assert_finite(out)
+
+
+def flux_forward(patcher):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 16, 8, 8, generator=g)
+    with torch.inference_mode():
+        out = patcher.model.apply_model(x, torch.tensor([0.6]), c_crossattn=torch.randn(1, 5, 768, generator=g),
+                                        y=torch.randn(1, 768, generator=g), guidance=torch.tensor([1.0]))
+    assert out.shape == x.shape
+    assert_finite(out)
+
+
+def test_tiny_flux_builder(comfy, tiny_flux):
+    assert family(tiny_flux) == "Flux"
+    flux_forward(tiny_flux)
+
+
+def test_detectable_flux_unet(comfy, tiny_flux_unet):
+    model = node(comfy, "UNETLoader").load_unet(tiny_flux_unet, "default")[0]
+    assert family(model) == "Flux"
+    flux_forward(model)
+
+
+def test_files_come_from_the_versioned_cache(comfy, tiny_sd_vae):
+    import tiny_files
+    linked = comfy.base / "models" / "vae" / tiny_sd_vae
+    cached = tiny_files.cache_dir() / tiny_sd_vae
+    assert cached.is_file() and linked.resolve().stat().st_ino == cached.stat().st_ino
+    assert tiny_files.cache_dir().parent.name == comfy.version
+
+
+def test_cache_writes_a_file_once_under_the_version_directories(comfy, tmp_path, monkeypatch):
+    import tiny_files
+    monkeypatch.setenv("DOJO_TEST_CACHE", str(tmp_path))
+    calls = []
+
+    def write(path):
+        calls.append(path)
+        path.write_bytes(b"weights")
+
+    first = tiny_files.cached_file("model.safetensors", write)
+    again = tiny_files.cached_file("model.safetensors", write)
+    assert first == again == tmp_path / comfy.version / f"v{tiny_files.BUILDER_VERSION}" / "model.safetensors"
+    assert len(calls) == 1 and first.read_bytes() == b"weights"
+    assert [p.name for p in first.parent.iterdir()] == ["model.safetensors"]
