@@ -2,9 +2,15 @@
 from __future__ import annotations
 
 from .comfy_compat import ComfyExtension, io
+from .lora_nodes import DojoApplyLoRA, DojoLoadLoRA, DojoSaveLoRA
 from .model_info import DojoModelInfo
+from .train_lora import DojoTrainLoRA
 
 NODES: list[type[io.ComfyNode]] = [
+    DojoTrainLoRA,
+    DojoApplyLoRA,
+    DojoSaveLoRA,
+    DojoLoadLoRA,
     DojoModelInfo,
 ]
 

@@ -163,6 +163,40 @@ def progress_bar(total: int):
     return comfy.utils.ProgressBar(total)
 
 
+def show_progress_text(text: str) -> None:
+    """Text under the running node in ComfyUI's UI (the live loss); silent without a server."""
+    try:
+        import server
+        from comfy_execution.utils import get_executing_context
+        context = get_executing_context()
+        instance = getattr(server.PromptServer, "instance", None)
+        if context is not None and instance is not None:
+            instance.send_progress_text(text, context.node_id)
+    except Exception as exc:  # never let a UI nicety break training
+        logging.debug("Dojo: progress text not shown: %s", exc)
+
+
+def preview_tuple(pil_image):
+    """The form ComfyUI's progress hook sends as a node preview."""
+    return ("PNG", pil_image, 1024)
+
+
+def output_directory() -> str:
+    return folder_paths.get_output_directory()
+
+
+def lora_directories() -> list[str]:
+    return folder_paths.get_folder_paths("loras")
+
+
+def lora_file_names() -> list[str]:
+    return folder_paths.get_filename_list("loras")
+
+
+def lora_file_path(name: str) -> str | None:
+    return folder_paths.get_full_path("loras", name)
+
+
 def interrupt_requested() -> bool:
     return bool(comfy.model_management.processing_interrupted())
 

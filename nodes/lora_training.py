@@ -23,6 +23,7 @@ from ..training.protocol import Family, TargetPreset
 from . import comfy_compat as cc
 from .comfy_model import ComfyDenoisingModel
 from .grad_protection import training_region
+from .progress import TrainingProgress
 
 log = logging.getLogger("comfyui-dojo")
 
@@ -67,16 +68,12 @@ def train_lora(model_patcher, dataset: EncodedDataset, job: LoraJob) -> LoraResu
     if len(dataset) == 0:
         raise ValueError("the dataset is empty: encode a folder with at least one image first")
     job.train.validate()
-    progress = cc.progress_bar(job.train.steps)
-    stop = {"requested": False}
+    progress = TrainingProgress(job.train.steps)
+    losses_so_far: list[float] = []
 
     def on_step(step, loss, lr):
-        try:
-            progress.update_absolute(step, job.train.steps)
-        except Exception as exc:  # ComfyUI's progress hook raises on cancel; stop after this step instead
-            if not cc.is_interrupt(exc):
-                raise
-            stop["requested"] = True
+        losses_so_far.append(loss)
+        progress.step(step, loss, losses_so_far)
 
     with torch.inference_mode(False), torch.enable_grad():
         patcher = cc.training_clone(model_patcher)
@@ -106,10 +103,9 @@ def train_lora(model_patcher, dataset: EncodedDataset, job: LoraJob) -> LoraResu
                 adapter.load_state_dict(ckpt.adapter)
                 state = TrainState(ckpt.step, list(ckpt.losses))
                 optimizer_state = {"optimizer": ckpt.optimizer, "scheduler": ckpt.scheduler}
-                progress.update_absolute(state.step, job.train.steps)
-            callbacks = Callbacks(on_step=on_step,
-                                  should_stop=lambda: stop["requested"] or cc.interrupt_requested(),
-                                  on_checkpoint=write_checkpoint)
+                losses_so_far.extend(ckpt.losses)
+                progress.start_at(state.step)
+            callbacks = Callbacks(on_step=on_step, should_stop=progress.should_stop, on_checkpoint=write_checkpoint)
             with training_region(patcher, job.gradient_checkpointing):
                 state, optimizer, scheduler = train(
                     view, adapter, BatchSchedule(samples, job.batch_size, job.train.seed), job.train, device=device,

@@ -18,7 +18,8 @@ FORMAT_VERSION = 1
 # Settings that must match for a resume to continue the same run (others, like the checkpoint
 # interval, may change).
 RUN_IDENTITY_KEYS = ("family", "adapter", "rank", "alpha", "targets", "seed", "batch_size", "grad_accumulation",
-                     "learning_rate", "lr_schedule", "warmup_steps", "timestep_sampling", "dataset_fingerprint")
+                     "learning_rate", "optimizer", "lr_schedule", "warmup_steps", "timestep_sampling",
+                     "dataset_fingerprint")
 
 
 class CheckpointError(ValueError):

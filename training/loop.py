@@ -17,6 +17,7 @@ import torch
 
 from .adapters import AttachedAdapter
 from .batches import BatchSchedule, step_generator
+from .optimizers import OptimizerKind, make_optimizer as make_base_optimizer
 from .protocol import DenoisingModel, Prediction
 from .timesteps import TimestepSampling, sample_timesteps
 
@@ -36,6 +37,7 @@ class Precision(str, enum.Enum):
 class TrainConfig:
     steps: int = 1000
     learning_rate: float = 1e-4
+    optimizer: OptimizerKind = OptimizerKind.ADAMW
     grad_accumulation: int = 1
     lr_schedule: LRSchedule = LRSchedule.CONSTANT
     warmup_steps: int = 0
@@ -95,7 +97,7 @@ def lr_factor(config: TrainConfig, step: int) -> float:
 
 
 def make_optimizer(params, config: TrainConfig):
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    optimizer = make_base_optimizer(config.optimizer, params, config.learning_rate, config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(config, s))
     return optimizer, scheduler
 

@@ -1,0 +1,156 @@
+"""Using and keeping a LoRA: apply with strength sliders, save into models/loras, load a file."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..training.files import next_free_path, save_safetensors_new
+from . import comfy_compat as cc
+from .comfy_compat import io
+from .lora_training import DojoLoRA
+from .paths import resolve_inside
+
+log = logging.getLogger("comfyui-dojo")
+SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+class LoraDoesNotFit(ValueError):
+    pass
+
+
+def apply_checked(model, clip, lora: dict, strength_model: float, strength_clip: float):
+    """Apply through ComfyUI's own LoRA path; refuse (applying nothing) if any key fits no layer."""
+    family = getattr(lora, "metadata", {}).get("dojo_family")
+    if family and model is not None:
+        try:
+            model_family = cc.model_family(model).value
+        except cc.UnsupportedModelError:
+            model_family = None
+        if model_family and model_family != family:
+            raise LoraDoesNotFit(f"this LoRA was trained for {family} but the MODEL is {model_family}; "
+                                 "load the matching base model or another LoRA")
+    with cc.capture_lora_warnings() as unloaded:
+        new_model, new_clip = cc.apply_lora(model, clip, lora, strength_model, strength_clip)
+    if unloaded:
+        raise LoraDoesNotFit(f"{len(unloaded)} of the LoRA's keys match no layer of this model (e.g. "
+                             f"{unloaded[0].split(': ', 1)[-1]}); it was made for another model or size. "
+                             "Nothing was applied.")
+    return new_model, new_clip
+
+
+class DojoApplyLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DojoApplyLoRA",
+            display_name="Dojo Apply LoRA",
+            category="Dojo/lora",
+            description="Applies a LoRA (from Dojo Train LoRA or Dojo Load LoRA) to a MODEL and optionally a "
+                        "CLIP, through ComfyUI's own LoRA path; chains with LoraLoader and other LoRAs.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model to apply the LoRA to (returned as a patched copy)."),
+                io.LoraModel.Input("lora", tooltip="The LoRA tensors."),
+                io.Float.Input("strength_model", default=1.0, min=-20.0, max=20.0, step=0.01,
+                               tooltip="How strongly the LoRA changes the model; negative inverts it."),
+                io.Clip.Input("clip", optional=True, tooltip="Optional text encoder, for LoRAs that train it."),
+                io.Float.Input("strength_clip", default=1.0, min=-20.0, max=20.0, step=0.01,
+                               tooltip="How strongly the LoRA changes the text encoder."),
+            ],
+            outputs=[io.Model.Output(display_name="model"), io.Clip.Output(display_name="clip")],
+        )
+
+    @classmethod
+    def execute(cls, model, lora, strength_model, clip=None, strength_clip=1.0) -> io.NodeOutput:
+        new_model, new_clip = apply_checked(model, clip, lora, strength_model, strength_clip)
+        return io.NodeOutput(new_model, new_clip)
+
+
+class DojoSaveLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DojoSaveLoRA",
+            display_name="Dojo Save LoRA",
+            category="Dojo/lora",
+            is_output_node=True,
+            description="Saves a LoRA into models/loras as .safetensors with its training metadata; never "
+                        "overwrites (a counter is added), and writes atomically.",
+            inputs=[
+                io.LoraModel.Input("lora", tooltip="The LoRA to save."),
+                io.String.Input("filename_prefix", default="dojo/my_lora",
+                                tooltip="File name inside models/loras; a subfolder is allowed; _00001 is appended."),
+                io.Combo.Input("save_dtype", options=list(SAVE_DTYPES), default="fp16",
+                               tooltip="Precision of the saved tensors (fp16 loads everywhere and halves the size)."),
+                io.String.Input("trigger_word", default="", optional=True,
+                                tooltip="Recorded in the metadata (overrides the dataset's trigger word)."),
+                io.String.Input("base_model_name", default="", optional=True,
+                                tooltip="Recorded in the metadata, e.g. flux1-dev.safetensors."),
+            ],
+            outputs=[io.String.Output(display_name="path", tooltip="Where the file was written, relative to models/loras.")],
+        )
+
+    @classmethod
+    def execute(cls, lora, filename_prefix, save_dtype, trigger_word="", base_model_name="") -> io.NodeOutput:
+        root = Path(cc.lora_directories()[0])
+        target = resolve_inside(root, filename_prefix, "filename_prefix")
+        path = next_free_path(target.parent, target.name, ".safetensors")
+        metadata = dict(getattr(lora, "metadata", {}))
+        metadata.update({"dojo_version": __version__, "ss_training_comment": "trained with ComfyUI-Dojo"})
+        if trigger_word:
+            metadata["dojo_trigger_word"] = trigger_word
+        if base_model_name:
+            metadata["dojo_base_model"] = metadata["ss_sd_model_name"] = base_model_name
+        dtype = SAVE_DTYPES[save_dtype]
+        save_safetensors_new(path, {k: v.to(dtype) for k, v in lora.items()}, metadata)
+        relative = str(path.relative_to(root))
+        log.info("Dojo: saved LoRA to %s", path)
+        return io.NodeOutput(relative, ui={"text": [relative]})
+
+
+def read_lora_file(path: Path) -> DojoLoRA:
+    """Safetensors only (no pickle); .pt/.ckpt only if they load with torch.load(weights_only=True)."""
+    import safetensors
+    import safetensors.torch
+    if path.suffix == ".safetensors":
+        try:
+            with safetensors.safe_open(str(path), "pt") as f:
+                metadata = f.metadata() or {}
+            return DojoLoRA(safetensors.torch.load_file(str(path)), metadata)
+        except Exception as e:
+            raise ValueError(f"cannot read LoRA file {path.name}: {e}. Is it a complete .safetensors file?") from e
+    try:
+        data = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"refusing {path.name}: it is not a .safetensors file and does not load safely with "
+                         f"torch.load(weights_only=True) ({type(e).__name__}). Convert it to .safetensors.") from e
+    if not isinstance(data, dict) or not all(torch.is_tensor(v) for v in data.values()):
+        raise ValueError(f"{path.name} does not hold a plain dictionary of tensors")
+    return DojoLoRA(data, {})
+
+
+class DojoLoadLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DojoLoadLoRA",
+            display_name="Dojo Load LoRA",
+            category="Dojo/lora",
+            description="Loads a LoRA file from models/loras (safetensors) with its metadata, to apply it with "
+                        "Dojo Apply LoRA.",
+            inputs=[io.Combo.Input("lora_name", options=cc.lora_file_names(),
+                                   tooltip="A file in models/loras.")],
+            outputs=[io.LoraModel.Output(display_name="lora"),
+                     io.String.Output(display_name="metadata", tooltip="The file's metadata as JSON.")],
+        )
+
+    @classmethod
+    def execute(cls, lora_name) -> io.NodeOutput:
+        full = cc.lora_file_path(lora_name)
+        if full is None:
+            raise FileNotFoundError(f"no LoRA named '{lora_name}' in models/loras")
+        lora = read_lora_file(Path(full))
+        return io.NodeOutput(lora, json.dumps(lora.metadata, indent=1, sort_keys=True))

@@ -1,0 +1,156 @@
+"""Dojo Train LoRA: train a LoRA (or DoRA / LoHa / LoKr) on the graph's MODEL from an encoded dataset."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..training.adapters import AdapterConfig, AdapterType
+from ..training.checkpoints import latest_checkpoint
+from ..training.files import next_free_path
+from ..training.loop import LRSchedule, Precision, TrainConfig
+from ..training.loss_plot import render_loss_plot
+from ..training.optimizers import OptimizerKind
+from ..training.protocol import TargetPreset
+from ..training.recipes import CHECKPOINTING_PARAMETER_THRESHOLD, LORA_RECIPES, default_timestep_sampling
+from ..training.timesteps import TimestepSampling
+from . import comfy_compat as cc
+from .comfy_compat import io, ui
+from .comfy_model import ComfyDenoisingModel
+from .lora_training import LoraJob, train_lora
+from .paths import resolve_inside
+from .types import EncodedDatasetType
+
+log = logging.getLogger("comfyui-dojo")
+AUTO = "auto"
+CHECKPOINT_FOLDER = "dojo_checkpoints"
+
+
+def image_tensor(pil_image) -> torch.Tensor:
+    """PIL -> ComfyUI IMAGE [1, H, W, 3] in [0, 1]."""
+    return torch.from_numpy(np.asarray(pil_image.convert("RGB"), dtype=np.float32) / 255.0)[None]
+
+
+def loss_map(losses: list[float]) -> dict:
+    """ComfyUI's LOSS_MAP (what its own Loss Graph node reads)."""
+    return {"loss": [torch.tensor(v) for v in losses]}
+
+
+def checkpoint_root() -> Path:
+    return Path(cc.output_directory()) / CHECKPOINT_FOLDER
+
+
+class DojoTrainLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DojoTrainLoRA",
+            display_name="Dojo Train LoRA",
+            category="Dojo/train",
+            is_output_node=True,
+            description="Trains a LoRA on the MODEL from an encoded dataset with the model's native objective "
+                        "(eps, v or flow), without changing the MODEL. Shows the live loss; cancel keeps what "
+                        "was trained as a checkpoint in output/dojo_checkpoints, which 'resume_from' continues.",
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model to adapt (SD1.5, SDXL, Flux.1 or HunyuanVideo)."),
+                EncodedDatasetType.Input("dataset", tooltip="From Dojo Encode Dataset: cached latents and captions."),
+                io.Int.Input("steps", default=1000, min=1, max=1_000_000,
+                             tooltip="Optimizer steps. Anchors: Flux 1000-2000, SDXL 1000-3000, HunyuanVideo 1000-2000."),
+                io.Int.Input("batch_size", default=1, min=1, max=256,
+                             tooltip="Samples per step; a batch never mixes bucket sizes."),
+                io.Int.Input("grad_accumulation", default=1, min=1, max=1024,
+                             tooltip="Batches whose gradients are summed before each optimizer step."),
+                io.Float.Input("learning_rate", default=0.0, min=0.0, max=10.0, step=1e-5,
+                               tooltip="0 = the family default (1e-4; HunyuanVideo 2e-4). Prodigy wants 1.0."),
+                io.Int.Input("rank", default=0, min=0, max=1024,
+                             tooltip="LoRA rank. 0 = the family default (16; HunyuanVideo 32)."),
+                io.Float.Input("alpha", default=0.0, min=0.0, max=2048.0, step=0.5,
+                               tooltip="LoRA alpha (scale = alpha / rank). 0 = equal to rank."),
+                io.Combo.Input("adapter", options=[a.value for a in AdapterType], default=AdapterType.LORA.value,
+                               tooltip="lora (loads everywhere), dora, loha or lokr (peft implementations)."),
+                io.Combo.Input("targets", options=[AUTO] + [t.value for t in TargetPreset], default=AUTO,
+                               tooltip="Layers to adapt. auto = attention + MLP (HunyuanVideo: all block linears)."),
+                io.Combo.Input("optimizer", options=[o.value for o in OptimizerKind], default=OptimizerKind.ADAMW.value,
+                               tooltip="adamw; adamw8bit needs bitsandbytes, prodigy needs prodigyopt."),
+                io.Combo.Input("lr_schedule", options=[s.value for s in LRSchedule], default=LRSchedule.CONSTANT.value,
+                               tooltip="Learning-rate schedule after warm-up."),
+                io.Int.Input("warmup_steps", default=0, min=0, max=100_000,
+                             tooltip="Steps of linear learning-rate warm-up (must be fewer than steps)."),
+                io.Combo.Input("timestep_sampling", options=[AUTO] + [t.value for t in TimestepSampling], default=AUTO,
+                               tooltip="Where training samples the noise level. auto = shift for flow models "
+                                       "(Flux, HunyuanVideo), uniform for SD."),
+                io.Float.Input("shift", default=0.0, min=0.0, max=100.0, step=0.01,
+                               tooltip="Shift for 'shift' sampling. 0 = the model's own (Flux ~3.16, HunyuanVideo 7)."),
+                io.Float.Input("min_snr_gamma", default=0.0, min=0.0, max=100.0, step=0.5,
+                               tooltip="Min-SNR loss weighting for SD (eps / v) models; 5 is typical; 0 = off."),
+                io.Float.Input("noise_offset", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Noise offset for SD (eps / v) models, e.g. 0.05; 0 = off."),
+                io.Combo.Input("gradient_checkpointing", options=[AUTO, "on", "off"], default=AUTO,
+                               tooltip="Recompute block activations in backward: less memory, ~1.5x slower. "
+                                       "auto = on for SDXL, Flux, HunyuanVideo and any model over 1B parameters."),
+                io.Combo.Input("precision", options=[p.value for p in Precision], default=Precision.BF16.value,
+                               tooltip="bf16 autocast with fp32 LoRA weights (fast), or full fp32."),
+                io.Int.Input("seed", default=0, min=0, max=2**63 - 1,
+                             tooltip="Same inputs and seed give the same LoRA, bit for bit."),
+                io.Int.Input("checkpoint_every", default=0, min=0, max=1_000_000,
+                             tooltip="Write a resumable checkpoint every N steps (0 = only at the end or on cancel)."),
+                io.String.Input("run_name", default="dojo_lora",
+                                tooltip="Name of this run's checkpoint folder in output/dojo_checkpoints."),
+                io.String.Input("resume_from", default="", optional=True,
+                                tooltip="A run folder (or run/step_NNNNNN) in output/dojo_checkpoints to continue "
+                                        "exactly; settings must match the run. Empty = start fresh."),
+            ],
+            outputs=[
+                io.LoraModel.Output(display_name="lora", tooltip="The trained LoRA, for Dojo Apply/Save LoRA."),
+                io.LossMap.Output(display_name="loss", tooltip="Loss per step."),
+                io.Image.Output(display_name="loss_graph", tooltip="The loss curve."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, dataset, steps, batch_size, grad_accumulation, learning_rate, rank, alpha, adapter,
+                targets, optimizer, lr_schedule, warmup_steps, timestep_sampling, shift, min_snr_gamma,
+                noise_offset, gradient_checkpointing, precision, seed, checkpoint_every, run_name,
+                resume_from="") -> io.NodeOutput:
+        view = ComfyDenoisingModel(model)
+        recipe = LORA_RECIPES[view.family]
+        rank = rank or recipe.rank
+        if gradient_checkpointing == AUTO:
+            size = sum(p.numel() for p in view.diffusion_model.parameters())
+            checkpointing = recipe.gradient_checkpointing or size > CHECKPOINTING_PARAMETER_THRESHOLD
+        else:
+            checkpointing = gradient_checkpointing == "on"
+        sampling = default_timestep_sampling(view.schedule.prediction) if timestep_sampling == AUTO \
+            else TimestepSampling(timestep_sampling)
+        train_config = TrainConfig(
+            steps=steps, learning_rate=learning_rate or recipe.learning_rate, optimizer=OptimizerKind(optimizer),
+            grad_accumulation=grad_accumulation, lr_schedule=LRSchedule(lr_schedule), warmup_steps=warmup_steps,
+            timestep_sampling=sampling, shift=shift or None, min_snr_gamma=min_snr_gamma,
+            noise_offset=noise_offset, precision=Precision(precision), seed=seed)
+        root = checkpoint_root()
+        if resume_from and resume_from.strip():
+            resume = resolve_inside(root, resume_from.strip(), "resume_from")
+            if not resume.exists():
+                raise FileNotFoundError(f"resume_from '{resume_from}' does not exist in {root}; "
+                                        "pick a run folder written by an earlier Dojo Train LoRA")
+            run_dir = resume if latest_checkpoint(resume) is not None else resume.parent
+        else:
+            resume = None
+            run_dir = next_free_path(root, resolve_inside(root, run_name or "dojo_lora", "run_name").name, "")
+        job = LoraJob(
+            adapter=AdapterConfig(AdapterType(adapter), rank=rank, alpha=alpha or float(rank)),
+            targets=recipe.targets if targets == AUTO else TargetPreset(targets),
+            train=train_config, batch_size=batch_size, gradient_checkpointing=checkpointing,
+            checkpoint_every=checkpoint_every, checkpoint_dir=run_dir, resume_from=resume,
+            extra_metadata={k: str(v) for k, v in dataset.info.items() if k in ("trigger_word", "source")})
+        result = train_lora(model, dataset, job)
+        if result.cancelled:
+            log.warning("Dojo: training cancelled at step %d of %d; what was trained is kept in %s "
+                        "(set resume_from to '%s' to continue)", result.steps_done, steps, result.last_checkpoint,
+                        run_dir.relative_to(root))
+            cc.raise_interrupt()
+        graph = render_loss_plot(result.losses, title="Dojo LoRA loss")
+        image = image_tensor(graph)
+        return io.NodeOutput(result.lora, loss_map(result.losses), image, ui=ui.PreviewImage(image, cls=cls))

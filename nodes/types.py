@@ -1,0 +1,5 @@
+"""The pack's own socket types. Their names are stored in saved workflows: never rename them."""
+from .comfy_compat import io
+
+DatasetType = io.Custom("DOJO_DATASET")
+EncodedDatasetType = io.Custom("DOJO_ENCODED_DATASET")
