@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 from .comfy_compat import ComfyExtension, io
+from .dataset_nodes import DojoEncodeDataset, DojoLoadImageDataset
 from .model_info import DojoModelInfo
 
 NODES: list[type[io.ComfyNode]] = [
     DojoModelInfo,
+    DojoLoadImageDataset,
+    DojoEncodeDataset,
 ]
 
 
