@@ -126,12 +126,13 @@ def preview_text(dataset: Dataset) -> str:
 
 
 def preview_sheet(dataset: Dataset, limit: int = PREVIEW_ITEMS) -> torch.Tensor:
-    """The first `limit` items (first frame of a clip) with their epoch-0 captions, as [1, H, W, 3]."""
-    rng = dataset.epoch_rng(0)
+    """The first `limit` items (first frame of a clip) with the caption their first copy is encoded
+    with (epoch 0), as [1, H, W, 3]."""
+    captions = epoch0_captions(dataset)
     entries = []
-    for item in dataset.items[:limit]:
+    for item, variants in zip(dataset.items[:limit], captions):
         frame = item.load()[0]
-        label = item.caption(dataset.config.captions, rng)
+        label = variants[0]
         if item.is_clip:
             label = f"[{item.path.name}: frames {item.frame_indices[0]}-{item.frame_indices[-1]}] {label}"
         entries.append((tensor_to_pil(frame), label))
