@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 from .comfy_compat import ComfyExtension, io
+from .dataset_nodes import DojoEncodeDataset, DojoLoadImageDataset
 from .lora_nodes import DojoApplyLoRA, DojoLoadLoRA, DojoSaveLoRA
 from .model_info import DojoModelInfo
 from .train_lora import DojoTrainLoRA
 
 NODES: list[type[io.ComfyNode]] = [
+    DojoLoadImageDataset,
+    DojoEncodeDataset,
     DojoTrainLoRA,
     DojoApplyLoRA,
     DojoSaveLoRA,

@@ -262,3 +262,81 @@ def rope_substitutions() -> dict:
         for name in packet.overloads():
             subs[getattr(packet, name)] = replacement
     return subs
+
+
+# --- datasets: folders, VAE and text encoding -------------------------------------------------------
+
+DATASET_FOLDER_KEY = "dojo_datasets"
+
+
+def register_dataset_folders() -> None:
+    """Declare the `dojo_datasets` folder kind, which users fill from extra_model_paths.yaml
+    (`dojo_datasets: /path/to/datasets`). ComfyUI reads that file before custom nodes load and then
+    has already created the entry, so only a missing one is added (with no default folder)."""
+    folder_paths.folder_names_and_paths.setdefault(DATASET_FOLDER_KEY, ([], set()))
+
+
+def input_directory() -> str:
+    return folder_paths.get_input_directory()
+
+
+def output_directory() -> str:
+    return folder_paths.get_output_directory()
+
+
+def dataset_roots() -> list[str]:
+    """The folders configured under `dojo_datasets` (extra_model_paths.yaml), in ComfyUI's order."""
+    register_dataset_folders()
+    return list(folder_paths.folder_names_and_paths[DATASET_FOLDER_KEY][0])
+
+
+def vae_time_factor(vae) -> int | None:
+    """How many frames a video VAE folds into one latent frame (after the first), or None for an
+    image VAE (which also encodes a clip frame by frame if asked, but Dojo refuses that)."""
+    if getattr(vae, "latent_dim", 2) != 3 or getattr(vae, "not_video", False):
+        return None
+    formula = getattr(vae, "downscale_index_formula", None)
+    return int(formula[0]) if formula else 1
+
+
+def vae_encode(vae, frames: torch.Tensor) -> torch.Tensor:
+    """ComfyUI's VAE.encode on frames [T, H, W, C] in [0, 1] (a batch of one image when T = 1, the
+    frames of one clip for a video VAE, as ComfyUI's own video nodes pass them). Returns what the VAE
+    gives, with its batch dimension: [1, C, h, w] or [1, C, t, h, w]."""
+    return vae.encode(frames)
+
+
+def vae_weights(vae):
+    return vae.first_stage_model.state_dict().items()
+
+
+def clip_encode(clip, text: str) -> tuple[torch.Tensor, dict]:
+    """Encode one caption the way ComfyUI's CLIPTextEncode does (tokenize, then
+    encode_from_tokens_scheduled), returning the cond tensor and its dict (pooled_output, ...)."""
+    scheduled = clip.encode_from_tokens_scheduled(clip.tokenize(text))
+    if len(scheduled) != 1:
+        raise ValueError(f"the CLIP carries scheduled hooks ({len(scheduled)} keyframes); Dojo caches one "
+                         "conditioning per caption, so remove the CLIP hooks before encoding a dataset")
+    cond, extra = scheduled[0]
+    return cond, dict(extra)
+
+
+def clip_weights(clip):
+    return clip.cond_stage_model.state_dict().items()
+
+
+def clip_settings(clip) -> dict:
+    """The settings besides weights that change what a CLIP encodes (clip skip, applied patches).
+    Patches (a LoRA on the text encoder) are identified by their patcher's uuid: conservative, a
+    LoRA loaded again in a new session gets a new uuid and is encoded again."""
+    patcher = getattr(clip, "patcher", None)
+    patches = getattr(patcher, "patches", None) or {}
+    return {"class": type(clip.cond_stage_model).__name__, "layer_idx": getattr(clip, "layer_idx", None),
+            "patches": str(getattr(patcher, "patches_uuid", "")) if patches else ""}
+
+
+def preview_ui(images: torch.Tensor, text: str) -> dict:
+    """A node's UI output with preview images ([B, H, W, C] in [0, 1]) and text, both shown."""
+    out = ui.PreviewImage(images, cls=None).as_dict()  # a preview carries no workflow metadata
+    out["text"] = [text]
+    return out

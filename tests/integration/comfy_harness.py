@@ -105,11 +105,16 @@ class ComfyUI:
         self.folder_paths = folder_paths
         self.nodes = nodes
         self.import_failures = asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
+        self.boot_log_count = len(self.log.records)
         import execution
         self.execution = execution
         self.server = _RecordingServer()
         self.executor = execution.PromptExecutor(self.server, cache_type=False,
                                                  cache_args={"lru": 0, "ram": 0.0, "ram_inactive": 0.0})
+
+    def boot_messages(self, min_level=logging.WARNING) -> list[str]:
+        """Log messages from booting ComfyUI and importing custom nodes (not from prompts run since)."""
+        return [r.getMessage() for r in self.log.records[:self.boot_log_count] if r.levelno >= min_level]
 
     @property
     def version(self) -> str:

@@ -23,7 +23,7 @@ def expected_node_ids(comfy):
 
 def test_pack_imports_without_errors(comfy):
     assert comfy.pack_module_name() in sys.modules, "ComfyUI did not import the pack"
-    pack_errors = [m for m in comfy.log.messages() if PACK_DIR_NAME in m or "comfyui_dojo" in m.lower()]
+    pack_errors = [m for m in comfy.boot_messages() if PACK_DIR_NAME in m or "comfyui_dojo" in m.lower()]
     assert pack_errors == []
 
 
