@@ -38,6 +38,17 @@ def loss_map(losses: list[float]) -> dict:
     return {"loss": [torch.tensor(v) for v in losses]}
 
 
+def dataset_metadata(dataset) -> dict[str, str]:
+    """What the encoded dataset tells a LoRA file about its training data (names only, no paths)."""
+    info = dataset.info
+    meta = {"ss_num_train_images": str(info.get("items", len(dataset)))}
+    if info.get("trigger_word"):
+        meta["dojo_trigger_word"] = str(info["trigger_word"])
+    if info.get("source"):
+        meta["dojo_dataset"] = str(info["source"])
+    return meta
+
+
 def checkpoint_root() -> Path:
     return Path(cc.output_directory()) / CHECKPOINT_FOLDER
 
@@ -144,7 +155,7 @@ class DojoTrainLoRA(io.ComfyNode):
             targets=recipe.targets if targets == AUTO else TargetPreset(targets),
             train=train_config, batch_size=batch_size, gradient_checkpointing=checkpointing,
             checkpoint_every=checkpoint_every, checkpoint_dir=run_dir, resume_from=resume,
-            extra_metadata={k: str(v) for k, v in dataset.info.items() if k in ("trigger_word", "source")})
+            extra_metadata=dataset_metadata(dataset))
         result = train_lora(model, dataset, job)
         if result.cancelled:
             log.warning("Dojo: training cancelled at step %d of %d; what was trained is kept in %s "

@@ -128,6 +128,24 @@ class ComfyUI:
         return sorted(k for k, cls in self.nodes.NODE_CLASS_MAPPINGS.items()
                       if getattr(cls, "RELATIVE_PYTHON_MODULE", "") == f"custom_nodes.{PACK_DIR_NAME}")
 
+    def widget_defaults(self, class_type: str) -> dict:
+        """The default of every widget input of a node (what the UI would put in a new node)."""
+        info = self.nodes.NODE_CLASS_MAPPINGS[class_type]
+        spec = info.GET_NODE_INFO_V1()["input"] if hasattr(info, "GET_NODE_INFO_V1") else info.INPUT_TYPES()
+        out = {}
+        for section in ("required", "optional"):
+            for name, entry in spec.get(section, {}).items():
+                options = entry[1] if len(entry) > 1 and isinstance(entry[1], dict) else {}
+                if "default" in options:
+                    out[name] = options["default"]
+                elif isinstance(entry[0], list) and entry[0]:
+                    out[name] = entry[0][0]
+        return out
+
+    def node(self, class_type: str, **inputs) -> dict:
+        """An API-format node with its widget defaults filled in and `inputs` on top."""
+        return {"class_type": class_type, "inputs": {**self.widget_defaults(class_type), **inputs}}
+
     def run(self, prompt: dict) -> PromptResult:
         """Validate and execute an API-format prompt ({id: {class_type, inputs}}) like the server does."""
         prompt_id = str(uuid.uuid4())
