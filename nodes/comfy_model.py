@@ -50,10 +50,21 @@ class ComfyDenoisingModel:
             # Engine latents are variance-preserving; ComfyUI's discrete models take x0 + sigma*noise
             # and rescale it by 1/sqrt(sigma^2 + 1) themselves.
             x = noisy * (sigma ** 2 + 1).sqrt().reshape(-1, *([1] * (noisy.ndim - 1))).to(noisy.dtype)
-        kwargs = cc.model_kwargs(self.patcher.model, x, cond.context, cond.pooled, cond.extra)
+        kwargs = cc.model_kwargs(self.patcher.model, x, cond.context, cond.pooled, self.batch_extras(noisy, cond))
         captured, options = cc.raw_output_capture()
         self.patcher.model.apply_model(x, sigma, transformer_options=options, **kwargs)
         return captured["output"].float()
+
+    def batch_extras(self, noisy: torch.Tensor, cond: Conditioning) -> dict:
+        """Conditioning extras that depend on the batch's shape. SDXL conditions on the image size:
+        a training batch is described as an uncropped image of exactly its own size (as kohya does
+        for bucketed data), unless the encoded conditioning already says otherwise."""
+        if self.family is not Family.SDXL:
+            return cond.extra
+        height, width = noisy.shape[-2] * 8, noisy.shape[-1] * 8
+        sizes = {"width": width, "height": height, "target_width": width, "target_height": height,
+                 "crop_w": 0, "crop_h": 0}
+        return {**sizes, **cond.extra}
 
     def adaptable_modules(self, preset: TargetPreset) -> dict[str, nn.Module]:
         return select_linears(self.diffusion_model, _TARGETS[self.family][TargetPreset(preset)])

@@ -22,8 +22,14 @@ def dojo(comfy):
 
 
 # family -> (model builder, latent shape, text width, pooled width or None, key every file key starts with)
+def tiny_sdxl_patcher():
+    import tiny_files
+    return tiny_files.build_tiny_sdxl()
+
+
 FAMILIES = {
     "sd15": (tiny_sd15_patcher, (4, 16, 16), 768, None, "lora_unet_"),
+    "sdxl": (tiny_sdxl_patcher, (4, 16, 16), 2048, 1280, "lora_unet_"),
     "flux": (tiny_flux_patcher, (16, 16, 16), 48, 32, "lora_unet_"),
     "hunyuan_video": (tiny_hunyuan_video_patcher, (16, 3, 8, 8), 48, 32, "diffusion_model."),
 }
@@ -31,7 +37,7 @@ FAMILIES = {
 
 def cond_for(dojo, family, batch, g):
     _, _, width, pooled, _ = FAMILIES[family]
-    extra = {} if pooled is None else {"guidance": 1.0}
+    extra = {"guidance": 1.0} if family in ("flux", "hunyuan_video") else {}
     return dojo.protocol.Conditioning(torch.randn(batch, 7, width, generator=g),
                                       None if pooled is None else torch.randn(batch, pooled, generator=g), extra)
 
@@ -95,8 +101,8 @@ def test_training_learns_and_leaves_the_base_model_bit_identical(comfy, dojo, tm
 
     keys = list(result.lora)
     assert keys and all(k.startswith(key_start) for k in keys)
-    if family == "sd15":
-        assert any("down_blocks_0_attentions_0" in k for k in keys)  # diffusers naming, as A1111/diffusers expect
+    if family in ("sd15", "sdxl"):
+        assert any("down_blocks_" in k and "_attentions_0" in k for k in keys)  # diffusers naming, as A1111/diffusers expect
     before_loss = fixed_loss(dojo, patcher, data)
     with dojo.comfy_compat.capture_lora_warnings() as unloaded:
         trained, _ = dojo.comfy_compat.apply_lora(patcher, None, result.lora, 1.0, 0.0)
