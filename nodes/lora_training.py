@@ -117,7 +117,7 @@ def train_lora(model_patcher, dataset: EncodedDataset, job: LoraJob) -> LoraResu
             if state.step > 0 and not (checkpoints and checkpoints[-1].name == f"step_{state.step:06d}"):
                 write_checkpoint(state, optimizer, scheduler)
             names = cc.sd_unet_diffusers_names(patcher) if view.family in (Family.SD15, Family.SDXL) else None
-            tensors = lora_state_dict(view.family, adapter.low_rank_factors(), names)
+            tensors = lora_state_dict(view.family, adapter.export_factors(), names)
         finally:
             adapter.detach()
     metadata = {"dojo_family": view.family.value, "dojo_steps": str(state.step),

@@ -105,6 +105,33 @@ class AttachedAdapter:
             factors[name] = (down.clone(), up.clone())
         return factors
 
+    def effective_delta(self, name: str) -> torch.Tensor:
+        """The exact change [out, in] the adapter makes to module `name`'s weight (biases are never
+        changed by these adapters). DoRA rescales each output row of W + s*B@A to its learned
+        magnitude, so its change depends on the base weight."""
+        layer = self.root.get_submodule(name)
+        if AdapterType(self.config.kind) is not AdapterType.DORA:
+            return layer.get_delta_weight(ADAPTER_NAME).detach().double()
+        base = layer.get_base_layer().weight.detach().double()
+        moved = base + layer.get_delta_weight(ADAPTER_NAME).detach().double()
+        magnitude = layer.lora_magnitude_vector[ADAPTER_NAME].weight.detach().double()
+        return (magnitude / torch.linalg.norm(moved, dim=1))[:, None] * moved - base
+
+    def export_factors(self, rtol: float = 1e-7) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """(down, up) pairs for a plain LoRA file, which every loader reads.
+
+        LoRA exports its own factors. DoRA, LoHa and LoKr export their exact weight change as a plain
+        LoRA by SVD at the change's numerical rank (LoHa of rank r changes at most r^2 directions; DoRA
+        can change all of them, so its file may be larger than the adapter)."""
+        if AdapterType(self.config.kind) is AdapterType.LORA:
+            return self.low_rank_factors()
+        factors = {}
+        for name in self.originals:
+            u, s, vh = torch.linalg.svd(self.effective_delta(name), full_matrices=False)
+            rank = max(1, int((s > s[0] * rtol).sum())) if s.numel() and s[0] > 0 else 1
+            factors[name] = (vh[:rank].float().contiguous(), (u[:, :rank] * s[:rank]).float().contiguous())
+        return factors
+
     def detach(self) -> None:
         """Put every original module back; safe to call twice."""
         for name, original in self.originals.items():

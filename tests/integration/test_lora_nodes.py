@@ -123,3 +123,13 @@ def test_same_seed_same_lora_bits(comfy, dojo):
     a = train_node(dojo, tiny_sd15_patcher(), encoded(dojo), run_name="seed_a").result[0]
     b = train_node(dojo, tiny_sd15_patcher(), encoded(dojo), run_name="seed_b").result[0]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("adapter", ["dora", "loha", "lokr"])
+def test_other_adapter_types_save_as_plain_loras_that_load_everywhere(comfy, dojo, adapter):
+    model = tiny_sd15_patcher()
+    lora = train_node(dojo, model, encoded(dojo), steps=2, adapter=adapter, learning_rate=1e-2,
+                      run_name=f"kind_{adapter}").result[0]
+    assert lora and all(k.endswith((".lora_down.weight", ".lora_up.weight")) for k in lora)
+    applied, _ = dojo.lora_nodes.DojoApplyLoRA.execute(model, lora, 1.0).result  # raises on any unloaded key
+    assert len(applied.patches) == len(lora) // 2

@@ -138,3 +138,25 @@ def test_strength_scales_the_change_linearly(comfy, dojo):
     tol = 0.1 * delta.abs().max().item()
     torch.testing.assert_close(outputs[0.5] - base, 0.5 * delta, rtol=0, atol=tol)
     torch.testing.assert_close(outputs[-1.0] - base, -delta, rtol=0, atol=tol)
+
+
+def test_trains_on_fp8_stored_weights_without_merging_into_them(comfy, dojo, tiny_hunyuan_video_unet):
+    """UNETLoader with fp8 weights: the LoRA trains beside the fp8 weights, which stay fp8 and unchanged."""
+    loader = comfy.nodes.NODE_CLASS_MAPPINGS["UNETLoader"]()
+    with torch.inference_mode():
+        patcher = loader.load_unet(tiny_hunyuan_video_unet, "fp8_e4m3fn")[0]
+    net = patcher.model.diffusion_model
+    fp8 = {n: p.clone() for n, p in net.named_parameters() if p.dtype == torch.float8_e4m3fn}
+    assert fp8, "the loader did not keep fp8 weights"
+    g = torch.Generator().manual_seed(0)
+    samples = [dojo.batches.Sample(torch.randn(16, 2, 8, 8, generator=g) * 0.5,
+                                   dojo.protocol.Conditioning(torch.randn(1, 7, 768, generator=g),
+                                                              torch.randn(1, 768, generator=g), {"guidance": 1.0}))
+               for _ in range(2)]
+    data = dojo.encoded.EncodedDataset(samples, ["a", "b"])
+    result = dojo.lora_training.train_lora(patcher, data, job(dojo, steps=2))
+    assert result.steps_done == 2 and all(torch.isfinite(v).all() for v in result.lora.values())
+    after = dict(net.named_parameters())
+    for name, before in fp8.items():
+        assert after[name].dtype == torch.float8_e4m3fn
+        assert torch.equal(after[name].view(torch.uint8), before.view(torch.uint8))
