@@ -231,6 +231,32 @@ def capture_lora_warnings():
         root.removeHandler(handler)
 
 
+_PAIR_SUFFIXES = ((".lora_down.weight", ".lora_up.weight"), (".lora_A.weight", ".lora_B.weight"))
+
+
+def lora_shape_mismatches(model, lora_state: dict) -> list[str]:
+    """LoRA pairs whose shapes do not fit the model layer their key names (a LoRA for another size of
+    the same family): ComfyUI would skip those weights at load time with only a log line."""
+    import comfy.lora
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    weights = model.model.state_dict()
+    problems = []
+    for down_suffix, up_suffix in _PAIR_SUFFIXES:
+        for key in lora_state:
+            if not key.endswith(down_suffix):
+                continue
+            base = key[: -len(down_suffix)]
+            target = key_map.get(base)
+            up = lora_state.get(base + up_suffix)
+            if target is None or up is None or target not in weights:
+                continue
+            weight, down = weights[target], lora_state[key]
+            if weight.ndim == 2 and (up.shape[0], down.shape[-1]) != tuple(weight.shape):
+                problems.append(f"{base}: LoRA {tuple(up.shape[:1]) + tuple(down.shape[-1:])} vs model "
+                                f"{tuple(weight.shape)}")
+    return problems
+
+
 def apply_lora(model, clip, lora_state: dict, strength_model: float, strength_clip: float):
     """ComfyUI's own LoRA application (the path LoraLoader takes), on clones of model and clip."""
     return comfy.sd.load_lora_for_models(model, clip, lora_state, strength_model, strength_clip)
@@ -310,10 +336,32 @@ def vae_weights(vae):
     return vae.first_stage_model.state_dict().items()
 
 
+# ComfyUI encodes a long prompt as consecutive 77-token chunks with no limit; a caption is cut to this
+# many chunks (225 tokens, as much as A1111 reads by default) so one runaway caption cannot blow up the
+# context length of every batch it lands in.
+MAX_CAPTION_CHUNKS = 3
+
+
+def clip_tokenize(clip, text: str, max_chunks: int = MAX_CAPTION_CHUNKS) -> tuple[dict, bool]:
+    """Tokens as CLIPTextEncode makes them, cut to `max_chunks` chunks per encoder; (tokens, was_cut)."""
+    tokens = clip.tokenize(text)
+    cut = False
+    for key, chunks in list(tokens.items()):
+        if isinstance(chunks, list) and len(chunks) > max_chunks:
+            tokens[key] = chunks[:max_chunks]
+            cut = True
+    return tokens, cut
+
+
 def clip_encode(clip, text: str) -> tuple[torch.Tensor, dict]:
     """Encode one caption the way ComfyUI's CLIPTextEncode does (tokenize, then
-    encode_from_tokens_scheduled), returning the cond tensor and its dict (pooled_output, ...)."""
-    scheduled = clip.encode_from_tokens_scheduled(clip.tokenize(text))
+    encode_from_tokens_scheduled), returning the cond tensor and its dict (pooled_output, ...).
+    A caption longer than MAX_CAPTION_CHUNKS chunks is cut, with a warning naming it."""
+    tokens, cut = clip_tokenize(clip, text)
+    if cut:
+        logging.warning("Dojo: a caption is longer than %d tokens and was cut to that length: '%s...'",
+                        MAX_CAPTION_CHUNKS * 75, text[:80])
+    scheduled = clip.encode_from_tokens_scheduled(tokens)
     if len(scheduled) != 1:
         raise ValueError(f"the CLIP carries scheduled hooks ({len(scheduled)} keyframes); Dojo caches one "
                          "conditioning per caption, so remove the CLIP hooks before encoding a dataset")

@@ -33,6 +33,12 @@ def apply_checked(model, clip, lora: dict, strength_model: float, strength_clip:
         if model_family and model_family != family:
             raise LoraDoesNotFit(f"this LoRA was trained for {family} but the MODEL is {model_family}; "
                                  "load the matching base model or another LoRA")
+    if model is not None:
+        mismatched = cc.lora_shape_mismatches(model, lora)
+        if mismatched:
+            raise LoraDoesNotFit(f"{len(mismatched)} LoRA layers have shapes that do not fit this model (e.g. "
+                                 f"{mismatched[0]}): it was made for another size of this model family. "
+                                 "Nothing was applied.")
     with cc.capture_lora_warnings() as unloaded:
         new_model, new_clip = cc.apply_lora(model, clip, lora, strength_model, strength_clip)
     if unloaded:

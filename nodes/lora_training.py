@@ -28,6 +28,14 @@ from .progress import TrainingProgress
 log = logging.getLogger("comfyui-dojo")
 
 
+class TrainingOutOfMemory(RuntimeError):
+    def __init__(self, step: int, kept: Path | None):
+        where = f"the checkpoint {kept} is kept" if kept else "no checkpoint had been written yet"
+        super().__init__(f"out of memory at training step {step}. Lower batch_size, the dataset resolution or "
+                         f"rank, turn gradient_checkpointing on, or close other programs; {where}.")
+        self.step = step
+
+
 class DojoLoRA(dict):
     """A LoRA in its file layout (what ComfyUI's LoRA loaders read), plus the metadata Save writes."""
 
@@ -60,7 +68,8 @@ class LoraResult:
 
 def run_identity(job: LoraJob, family: Family, dataset: EncodedDataset) -> dict:
     return {"family": family.value, "adapter": AdapterType(job.adapter.kind).value, "rank": job.adapter.rank,
-            "alpha": job.adapter.alpha, "targets": job.targets.value, "batch_size": job.batch_size, "dataset_fingerprint": dataset.fingerprint, "steps": job.train.steps,
+            "alpha": job.adapter.alpha, "targets": job.targets.value, "batch_size": job.batch_size,
+            "dataset_fingerprint": dataset.fingerprint, "steps": job.train.steps,
             **job.train.to_dict()}
 
 
@@ -68,6 +77,11 @@ def train_lora(model_patcher, dataset: EncodedDataset, job: LoraJob) -> LoraResu
     if len(dataset) == 0:
         raise ValueError("the dataset is empty: encode a folder with at least one image first")
     job.train.validate()
+    batch_size = job.batch_size
+    if batch_size > len(dataset):
+        log.warning("Dojo: batch size %d is larger than the dataset (%d samples); using %d", batch_size,
+                    len(dataset), len(dataset))
+        batch_size = len(dataset)
     progress = TrainingProgress(job.train.steps)
     losses_so_far: list[float] = []
 
@@ -106,11 +120,18 @@ def train_lora(model_patcher, dataset: EncodedDataset, job: LoraJob) -> LoraResu
                 losses_so_far.extend(ckpt.losses)
                 progress.start_at(state.step)
             callbacks = Callbacks(on_step=on_step, should_stop=progress.should_stop, on_checkpoint=write_checkpoint)
-            with training_region(patcher, job.gradient_checkpointing):
-                state, optimizer, scheduler = train(
-                    view, adapter, BatchSchedule(samples, job.batch_size, job.train.seed), job.train, device=device,
-                    state=state, optimizer_state=optimizer_state, callbacks=callbacks,
-                    checkpoint_every=job.checkpoint_every)
+            try:
+                with training_region(patcher, job.gradient_checkpointing):
+                    state, optimizer, scheduler = train(
+                        view, adapter, BatchSchedule(samples, batch_size, job.train.seed), job.train, device=device,
+                        state=state, optimizer_state=optimizer_state, callbacks=callbacks,
+                        checkpoint_every=job.checkpoint_every)
+            except (torch.OutOfMemoryError, MemoryError) as e:
+                raise TrainingOutOfMemory(len(losses_so_far) + 1, checkpoints[-1] if checkpoints else None) from e
+            except RuntimeError as e:
+                if "out of memory" not in str(e) and "can't allocate memory" not in str(e):
+                    raise
+                raise TrainingOutOfMemory(len(losses_so_far) + 1, checkpoints[-1] if checkpoints else None) from e
             cancelled = state.step < job.train.steps
             # The final state is always checkpointed too: a cancelled run resumes from it, and a finished
             # one can be continued with more steps.

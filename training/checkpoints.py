@@ -7,6 +7,7 @@ run configuration it belongs to; resuming under a different one is refused by na
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,13 +68,20 @@ def save_checkpoint(directory: Path, step: int, losses: list[float], adapter: di
     if folder.exists():
         raise FileExistsError(f"checkpoint {folder} already exists; it is never overwritten")
     folder.mkdir(parents=True)
-    opt_tensors, opt_skeleton = _flatten_optimizer(optimizer.state_dict())
-    save_safetensors_new(folder / "adapter.safetensors", adapter)
-    save_safetensors_new(folder / "optimizer.safetensors", opt_tensors)
-    meta = {"format": FORMAT_VERSION, "step": step, "losses": losses, "run": run,
-            "optimizer": opt_skeleton, "scheduler": scheduler.state_dict()}
-    # state.json is written last: a folder without it is an incomplete checkpoint and is ignored.
-    write_new_file(folder / "state.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
+    try:
+        opt_tensors, opt_skeleton = _flatten_optimizer(optimizer.state_dict())
+        save_safetensors_new(folder / "adapter.safetensors", adapter)
+        save_safetensors_new(folder / "optimizer.safetensors", opt_tensors)
+        meta = {"format": FORMAT_VERSION, "step": step, "losses": losses, "run": run,
+                "optimizer": opt_skeleton, "scheduler": scheduler.state_dict()}
+        # state.json is written last: a folder without it is an incomplete checkpoint and is ignored.
+        write_new_file(folder / "state.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
+    except OSError as e:
+        shutil.rmtree(folder, ignore_errors=True)  # no half checkpoint; earlier ones are untouched
+        previous = latest_checkpoint(directory)
+        kept = f"the previous checkpoint {previous} is kept" if previous else "no earlier checkpoint exists"
+        raise CheckpointError(f"could not write the checkpoint for step {step} in {directory} "
+                              f"({e.strerror or e}); free disk space or choose another output folder; {kept}") from e
     return folder
 
 

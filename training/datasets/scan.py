@@ -225,6 +225,17 @@ def _items_for(path: Path, caption: str | None, repeats: int, config: DatasetCon
         return _clip_items(path, caption, repeats, config, buckets, crop_rng, report)
     try:
         size = image_size(path)
+    except Image.DecompressionBombError as exc:
+        report.skip(path, f"too large to decode safely ({exc}); downscale it first")
+        return []
+    except Exception as exc:
+        report.skip(path, f"corrupt or truncated image ({exc}); re-save or remove it")
+        return []
+    problem = _image_size_problem(size)
+    if problem:
+        report.skip(path, problem)
+        return []
+    try:
         if config.verify:
             load_rgb(path)
     except Exception as exc:
@@ -232,6 +243,22 @@ def _items_for(path: Path, caption: str | None, repeats: int, config: DatasetCon
         return []
     item = _place(path, caption, repeats, size, 1, None, config, buckets, crop_rng, report)
     return [item] if item else []
+
+
+# Decoding is refused above this many pixels (checked from the header, before any pixel is read):
+# a 20000 x 20000 PNG would need 1.2 GB just to decode, and training crops it to ~1 MP anyway.
+MAX_SOURCE_PIXELS = 100_000_000
+MIN_SOURCE_SIDE = 8
+
+
+def _image_size_problem(size: tuple[int, int]) -> str | None:
+    h, w = size
+    if h * w > MAX_SOURCE_PIXELS:
+        return (f"too large to decode safely ({w}x{h} = {h * w / 1e6:.0f} MP, limit {MAX_SOURCE_PIXELS / 1e6:.0f} MP); "
+                "downscale it first")
+    if min(h, w) < MIN_SOURCE_SIDE:
+        return f"too small ({w}x{h}); images need at least {MIN_SOURCE_SIDE} pixels per side"
+    return None
 
 
 def _clip_items(path, caption, repeats, config, buckets, crop_rng, report) -> list[DatasetItem]:
