@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .comfy_compat import ComfyExtension, io
+from .caption_nodes import DojoCaptionImages, DojoDatasetImages, DojoSetCaptions, DojoWriteCaptions
 from .dataset_nodes import DojoEncodeDataset, DojoLoadImageDataset
 from .lora_nodes import DojoApplyLoRA, DojoLoadLoRA, DojoSaveLoRA
 from .model_info import DojoModelInfo
@@ -10,6 +11,10 @@ from .train_lora import DojoTrainLoRA
 NODES: list[type[io.ComfyNode]] = [
     DojoLoadImageDataset,
     DojoEncodeDataset,
+    DojoDatasetImages,
+    DojoSetCaptions,
+    DojoCaptionImages,
+    DojoWriteCaptions,
     DojoTrainLoRA,
     DojoApplyLoRA,
     DojoSaveLoRA,
