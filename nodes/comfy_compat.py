@@ -333,36 +333,6 @@ def input_directory() -> str:
     return folder_paths.get_input_directory()
 
 
-CAPTIONER_FOLDER = "captioners"
-
-
-def captioner_folders() -> list[str]:
-    """Model folders (transformers format, with a config.json) under models/captioners."""
-    if CAPTIONER_FOLDER not in folder_paths.folder_names_and_paths:
-        folder_paths.add_model_folder_path(CAPTIONER_FOLDER, os.path.join(folder_paths.models_dir, CAPTIONER_FOLDER))
-    found = []
-    for root in folder_paths.get_folder_paths(CAPTIONER_FOLDER):
-        if os.path.isdir(root):
-            found += sorted(d for d in os.listdir(root) if os.path.isfile(os.path.join(root, d, "config.json")))
-    return found
-
-
-def captioner_path(name: str) -> str | None:
-    for root in folder_paths.get_folder_paths(CAPTIONER_FOLDER):
-        candidate = os.path.realpath(os.path.join(root, name))
-        if os.path.dirname(candidate) == os.path.realpath(root) and os.path.isfile(os.path.join(candidate, "config.json")):
-            return candidate
-    return None
-
-
-def torch_device():
-    return comfy.model_management.get_torch_device()
-
-
-def output_directory() -> str:
-    return folder_paths.get_output_directory()
-
-
 def dataset_roots() -> list[str]:
     """The folders configured under `dojo_datasets` (extra_model_paths.yaml), in ComfyUI's order."""
     register_dataset_folders()
