@@ -126,3 +126,18 @@ def test_min_snr_weighting_downweights_low_noise_steps_for_eps():
     alpha, sigma = model.schedule.coefficients(t)
     snr = (alpha[0] / sigma[0]) ** 2
     assert math.isclose(weighted.item(), plain.item() * 5.0 / snr.item(), rel_tol=1e-4)
+
+
+@pytest.mark.parametrize("kind,package", [("adamw8bit", "bitsandbytes"), ("prodigy", "prodigyopt")])
+def test_optional_optimizers_say_how_to_install_what_is_missing(kind, package, monkeypatch):
+    from comfyui_dojo.training import optimizers
+    real_import = optimizers.importlib.import_module
+
+    def no_package(name, *args, **kwargs):
+        if name.split(".")[0] == package:
+            raise ImportError(f"No module named '{package}'")
+        return real_import(name, *args, **kwargs)
+    monkeypatch.setattr(optimizers.importlib, "import_module", no_package)
+    MissingOptionalDependency, make_optimizer = optimizers.MissingOptionalDependency, optimizers.make_optimizer
+    with pytest.raises(MissingOptionalDependency, match=f"pip install {package}.*'adamw'"):
+        make_optimizer(kind, [torch.nn.Parameter(torch.zeros(1))], 1e-4, 0.0)
