@@ -444,6 +444,7 @@ def thumbnail(workflow: dict, path: Path, size=(640, 360)):
     for g in workflow["groups"]:
         gx, gy, gw, gh = g["bounding"]
         d.rectangle([p(gx, gy), p(gx + gw, gy + gh)], fill=(45, 70, 95), outline=(63, 120, 158), width=2)
+        d.text((p(gx, gy)[0] + 4, p(gx, gy)[1] + 2), g["title"].split(" - ")[0], fill=(220, 230, 240))
     nodes = {n["id"]: n for n in workflow["nodes"]}
     for n in workflow["nodes"]:
         nx, ny = n["pos"]
@@ -451,6 +452,9 @@ def thumbnail(workflow: dict, path: Path, size=(640, 360)):
         dojo = n["type"].startswith("Dojo")
         fill = (101, 83, 51) if n["type"] == "Note" else (120, 60, 140) if dojo else (60, 60, 64)
         d.rectangle([p(nx, ny - TITLE_H), p(nx + w_, ny + h_)], fill=fill, outline=(20, 20, 20))
+        if n["type"] != "Note" and w_ * scale > 60:
+            label = n["type"].replace("Dojo", "Dojo ")[: int(w_ * scale / 6)]
+            d.text((p(nx, ny - TITLE_H)[0] + 3, p(nx, ny - TITLE_H)[1] + 1), label, fill=(235, 235, 235))
     for _, a, sa, b, sb, _ in workflow["links"]:
         na, nb = nodes[a], nodes[b]
         start = p(na["pos"][0] + na["size"][0], na["pos"][1] + 12 + 24 * sa)

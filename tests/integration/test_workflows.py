@@ -151,6 +151,34 @@ def test_workflow_nodes_widgets_and_links_are_valid(comfy, stand_ins, name):
     assert problems == []
 
 
+# Core nodes whose widgets did not change between ComfyUI 0.8 and 0.33.
+STABLE_CORE_NODES = {"KSampler", "DualCLIPLoader", "UNETLoader", "VAELoader", "CLIPTextEncode", "FluxGuidance",
+                     "EmptyHunyuanLatentVideo", "ModelSamplingSD3", "VAEDecodeTiled", "VAEDecode", "RandomNoise",
+                     "BasicScheduler", "KSamplerSelect", "ConditioningZeroOut", "SaveImage"}
+
+
+def test_widget_slots_read_comfyuis_own_templates(comfy):
+    """The widget-order rules (ui_workflows.py) read files the real frontend saved: ComfyUI's own templates
+    (seed + control_after_generate slot, optional widgets such as DualCLIPLoader's device)."""
+    templates = pytest.importorskip("comfyui_workflow_templates_json")
+    folder = Path(templates.__file__).parent / "templates"
+    get = schema_of(comfy)
+    checked, problems = set(), []
+    for name in ("flux_canny_model_example", "hunyuan_video_text_to_video"):
+        path = folder / f"{name}.json"
+        if not path.is_file():
+            continue
+        for node in json.loads(path.read_text())["nodes"]:
+            if node["type"] in STABLE_CORE_NODES:
+                checked.add(node["type"])
+                problems += [f"{name}: {p}" for p in widget_problems(get(node["type"]), node.get("widgets_values") or [])
+                             if "not among the options" not in p]  # model files not present here
+    if not checked:
+        pytest.skip("ComfyUI's Flux and HunyuanVideo templates are not installed")
+    assert {"KSampler", "DualCLIPLoader", "RandomNoise", "VAEDecodeTiled"} <= checked
+    assert problems == []
+
+
 @pytest.mark.parametrize("name", WORKFLOWS)
 def test_workflow_layout_notes_and_groups(name):
     wf = load(name)
