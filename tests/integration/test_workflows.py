@@ -1,0 +1,328 @@
+"""The example workflows in workflows/ (UI format) against real ComfyUI: every node exists, every widget
+value fits its input, every link joins matching types; each converts to the API format and runs end to
+end with tiny stand-in models saved under the real file names; the server lists them as the pack's
+templates."""
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import safetensors
+
+from comfy_harness import PACK_DIR_NAME, REPO_ROOT, comfyui_path, make_base_directory
+from test_dataset_nodes import fresh_folder, image, video
+from test_pack_loads import _free_port
+from ui_workflows import FRONTEND_ONLY, schema, to_api, widget_problems
+
+pytestmark = pytest.mark.integration
+
+WORKFLOW_DIR = REPO_ROOT / "workflows"
+WORKFLOWS = sorted(p.stem for p in WORKFLOW_DIR.glob("*.json"))
+EXPECTED = {"dojo_flux_lora_trigger_word", "dojo_sdxl_lora_captions", "dojo_hunyuan_video_lora_images",
+            "dojo_hunyuan_video_lora_clips"}
+# TODO(issue 7, workflow 2): SD1.5/SDXL textual inversion joins EXPECTED once its nodes land.
+
+
+def load(name) -> dict:
+    return json.loads((WORKFLOW_DIR / f"{name}.json").read_text())
+
+
+# ------------------------------------------------------------------- stand-in files and folders
+
+@pytest.fixture(scope="module")
+def stand_ins(comfy, tiny_clip_l, tiny_flux_vae, tiny_video_vae, tiny_hunyuan_video_unet,
+              smallest_sdxl_checkpoint):
+    """The workflows' real model file names, linked to tiny files of the same family, and their dataset
+    folders in input/. Returns whether the Flux stand-in is a real (loader-detectable) Flux."""
+    import tiny_files
+    base = comfy.base
+    models = base / "models"
+    flux_ok = tiny_files.smallest_detectable_flux_hidden() <= 256 or os.environ.get("DOJO_BIG_TEST_MODELS") == "1"
+    flux = tiny_files.provide_detectable_flux(base) if flux_ok else tiny_hunyuan_video_unet
+    for folder, real, tiny in [
+        ("diffusion_models", "flux1-dev.safetensors", flux),  # a name only where Flux is not detectable small
+        ("diffusion_models", "hunyuan_video_t2v_720p_bf16.safetensors", tiny_hunyuan_video_unet),
+        ("text_encoders", "clip_l.safetensors", tiny_clip_l),
+        # Only their names are needed: the tests load CLIP-L in place of T5-XXL / LLaVA-Llama-3 (see to_test_prompt).
+        ("text_encoders", "t5xxl_fp16.safetensors", tiny_clip_l),
+        ("text_encoders", "llava_llama3_fp8_scaled.safetensors", tiny_clip_l),
+        ("vae", "ae.safetensors", tiny_flux_vae),
+        ("vae", "hunyuan_video_vae_bf16.safetensors", tiny_video_vae),
+        ("checkpoints", "sd_xl_base_1.0.safetensors", smallest_sdxl_checkpoint),
+    ]:
+        source = next(p for p in models.rglob(tiny) if p.is_file())
+        tiny_files.link_into(base, folder, real, source.resolve())
+
+    stamps = fresh_folder(comfy, "deltamon_stamps")  # trigger word only, no captions
+    for i, colour in enumerate([(200, 30, 30), (30, 160, 60), (40, 40, 190)]):
+        image(stamps / f"stamp{i}.png", (64, 64), colour)
+    sdxl = fresh_folder(comfy, "sdxl_captioned")
+    image(sdxl / "a.png", (64, 64), (180, 120, 40), "a brown square, flat colour")
+    image(sdxl / "b.png", (64, 64), (40, 120, 180), "a blue square, flat colour")
+    hv_images = fresh_folder(comfy, "hunyuan_images")
+    image(hv_images / "a.png", (64, 64), (120, 30, 30), "a red square standing still")
+    image(hv_images / "b.png", (64, 64), (30, 30, 120), "[trigger] a blue square")
+    clips = fresh_folder(comfy, "hunyuan_clips")
+    video(clips / "walk.mp4", 10, (64, 64), "a grey square fading in")
+    video(clips / "turn.mp4", 9, (64, 64), "[trigger] brightening")
+    return {"flux_detectable": flux_ok}
+
+
+def schema_of(comfy):
+    cache = {}
+
+    def get(class_type):
+        if class_type not in cache:
+            cache[class_type] = schema(comfy.nodes, class_type)
+        return cache[class_type]
+    return get
+
+
+# ------------------------------------------------------------------------------- the files
+
+def test_the_shipped_workflows():
+    assert set(WORKFLOWS) == EXPECTED
+    for name in WORKFLOWS:
+        thumb = WORKFLOW_DIR / f"{name}.jpg"
+        assert thumb.is_file() and thumb.read_bytes()[:2] == b"\xff\xd8", f"{name}.jpg is not a JPEG"
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_workflow_nodes_widgets_and_links_are_valid(comfy, stand_ins, name):
+    wf = load(name)
+    get = schema_of(comfy)
+    assert wf["version"] == 0.4
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    assert len(nodes) == len(wf["nodes"]), "node ids repeat"
+    links = {l[0]: l for l in wf["links"]}
+    assert len(links) == len(wf["links"]), "link ids repeat"
+    assert wf["last_node_id"] >= max(nodes) and wf["last_link_id"] >= max(links)
+
+    problems = []
+    for node in wf["nodes"]:
+        if node["type"] in FRONTEND_ONLY:
+            continue
+        if node["type"] not in comfy.nodes.NODE_CLASS_MAPPINGS:
+            problems.append(f"node {node['id']}: {node['type']} does not exist in ComfyUI {comfy.version}")
+            continue
+        sch = get(node["type"])
+        problems += [f"node {node['id']}: {p}" for p in widget_problems(sch, node.get("widgets_values") or [])]
+        sockets = {i.name: i for i in sch.sockets}
+        listed = {slot["name"]: slot for slot in node.get("inputs", [])}
+        for slot in node.get("inputs", []):
+            if slot["name"] not in sockets and "widget" not in slot:
+                problems.append(f"node {node['id']}: {node['type']} has no input socket {slot['name']}")
+            elif slot.get("link") is not None and slot["link"] not in links:
+                problems.append(f"node {node['id']}.{slot['name']}: dangling link {slot['link']}")
+        for socket in sockets.values():
+            if not socket.optional and (listed.get(socket.name) or {}).get("link") is None:
+                problems.append(f"node {node['id']}: required input {node['type']}.{socket.name} is not connected")
+        # Fewer outputs than the schema is what a file saved with an older ComfyUI looks like (SaveImage
+        # gained an IMAGE output after 0.8); the frontend adds the missing ones back.
+        if len(node.get("outputs", [])) > len(sch.outputs):
+            problems.append(f"node {node['id']}: {len(node.get('outputs', []))} outputs, schema has {len(sch.outputs)}")
+        for k, out in enumerate(node.get("outputs", [])):
+            if k < len(sch.outputs) and out["type"] != sch.outputs[k][1]:
+                problems.append(f"node {node['id']} output {k}: {out['type']}, schema {sch.outputs[k][1]}")
+            for link_id in out.get("links") or []:
+                if link_id not in links or links[link_id][1:3] != [node["id"], k]:
+                    problems.append(f"node {node['id']} output {k}: link {link_id} does not start here")
+
+    for link_id, a, a_slot, b, b_slot, kind in wf["links"]:
+        src, dst = nodes.get(a), nodes.get(b)
+        if src is None or dst is None:
+            problems.append(f"link {link_id}: joins a missing node ({a} -> {b})")
+            continue
+        if a_slot >= len(src["outputs"]) or b_slot >= len(dst["inputs"]):
+            problems.append(f"link {link_id}: slot out of range")
+            continue
+        out, inp = src["outputs"][a_slot], dst["inputs"][b_slot]
+        if link_id not in (out.get("links") or []) or inp.get("link") != link_id:
+            problems.append(f"link {link_id}: not recorded on both ends")
+        schema_out = get(src["type"]).outputs[a_slot][1]
+        schema_in = get(dst["type"]).input(inp["name"]).type
+        if not (kind == out["type"] == inp["type"] == schema_out == schema_in):
+            problems.append(f"link {link_id}: {src['type']}.{out['name']} ({out['type']}, schema {schema_out}) -> "
+                            f"{dst['type']}.{inp['name']} ({inp['type']}, schema {schema_in}) as {kind}")
+    assert problems == []
+
+
+# Core nodes whose widgets did not change between ComfyUI 0.8 and 0.33.
+STABLE_CORE_NODES = {"KSampler", "DualCLIPLoader", "UNETLoader", "VAELoader", "CLIPTextEncode", "FluxGuidance",
+                     "EmptyHunyuanLatentVideo", "ModelSamplingSD3", "VAEDecodeTiled", "VAEDecode", "RandomNoise",
+                     "BasicScheduler", "KSamplerSelect", "ConditioningZeroOut", "SaveImage"}
+
+
+def test_widget_slots_read_comfyuis_own_templates(comfy):
+    """The widget-order rules (ui_workflows.py) read files the real frontend saved: ComfyUI's own templates
+    (seed + control_after_generate slot, optional widgets such as DualCLIPLoader's device)."""
+    templates = pytest.importorskip("comfyui_workflow_templates_json")
+    folder = Path(templates.__file__).parent / "templates"
+    get = schema_of(comfy)
+    checked, problems = set(), []
+    for name in ("flux_canny_model_example", "hunyuan_video_text_to_video"):
+        path = folder / f"{name}.json"
+        if not path.is_file():
+            continue
+        for node in json.loads(path.read_text())["nodes"]:
+            if node["type"] in STABLE_CORE_NODES:
+                checked.add(node["type"])
+                problems += [f"{name}: {p}" for p in widget_problems(get(node["type"]), node.get("widgets_values") or [])
+                             if "not among the options" not in p]  # model files not present here
+    if not checked:
+        pytest.skip("ComfyUI's Flux and HunyuanVideo templates are not installed")
+    assert {"KSampler", "DualCLIPLoader", "RandomNoise", "VAEDecodeTiled"} <= checked
+    assert problems == []
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_workflow_layout_notes_and_groups(name):
+    wf = load(name)
+    groups = wf["groups"]
+    assert len(groups) >= 4
+    lefts = [g["bounding"][0] for g in groups]
+    assert lefts == sorted(lefts), "groups are not laid out left to right"
+    for g, nxt in zip(groups, groups[1:]):
+        assert g["bounding"][0] + g["bounding"][2] <= nxt["bounding"][0], f"{g['title']} overlaps {nxt['title']}"
+
+    def group_of(node):
+        x, y = node["pos"]
+        inside = [g for g in groups if g["bounding"][0] <= x <= g["bounding"][0] + g["bounding"][2]
+                  and g["bounding"][1] <= y <= g["bounding"][1] + g["bounding"][3]]
+        return inside[0]["title"] if inside else None
+
+    placed = {n["id"]: group_of(n) for n in wf["nodes"]}
+    assert None not in placed.values(), [n["type"] for n in wf["nodes"] if placed[n["id"]] is None]
+    noted = {placed[n["id"]] for n in wf["nodes"] if n["type"] in ("Note", "MarkdownNote")}
+    assert noted == {g["title"] for g in groups}, "every step has a note"
+    text = " ".join(n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "Note")
+    assert "models/" in text and "input/" in text
+
+
+# ---------------------------------------------------------------------------- end to end
+
+# Small and short for the tiny stand-ins; everything else runs as the workflow sets it.
+TEST_SETTINGS = {
+    "DojoLoadImageDataset": dict(resolution=64, min_side=64, max_side=64),
+    "DojoTrainLoRA": dict(steps=2, rank=4, precision="fp32", checkpoint_every=0),
+    "KSampler": dict(steps=2),
+    "EmptySD3LatentImage": dict(width=64, height=64),
+    "EmptyLatentImage": dict(width=64, height=64),
+    "EmptyHunyuanLatentVideo": dict(width=64, height=64, length=5),
+}
+
+
+def to_test_prompt(comfy, wf: dict) -> dict:
+    prompt = to_api(wf, schema_of(comfy))
+    for node in prompt.values():
+        node["inputs"].update(TEST_SETTINGS.get(node["class_type"], {}))
+        if node["class_type"] == "DojoLoadImageDataset" and node["inputs"]["frames_per_clip"] > 1:
+            node["inputs"]["frames_per_clip"] = 5  # 4k+1 like the workflow's 33
+        if node["class_type"] == "DualCLIPLoader":
+            # Substitution: DualCLIPLoader type flux builds a full-size T5-XXL (fixed 4096-wide config,
+            # ~4.7 B params) and type hunyuan_video a Llama 3 whose tokenizer files ComfyUI does not ship,
+            # so no tiny file loads there. The tiny Flux and HunyuanVideo stand-ins take 768-wide context
+            # and pooled vectors: CLIP-L alone (CLIPLoader stable_diffusion) feeds them.
+            assert node["inputs"]["clip_name1"] == "clip_l.safetensors"
+            node["class_type"] = "CLIPLoader"
+            node["inputs"] = {"clip_name": "clip_l.safetensors", "type": "stable_diffusion", "device": "default"}
+    return prompt
+
+
+def run_workflow(comfy, name) -> tuple[dict, dict]:
+    wf = load(name)
+    prompt = to_test_prompt(comfy, wf)
+    result = comfy.run(prompt)
+    assert result.success, result.error_message()
+    by_type = {}
+    for node_id, node in prompt.items():
+        by_type.setdefault(node["class_type"], []).append(result.ui_outputs.get(node_id))
+    return wf, by_type
+
+
+def check_saved_lora(comfy, outputs, trigger, base_model):
+    saved = outputs["DojoSaveLoRA"][0]["text"][0]
+    with safetensors.safe_open(str(comfy.base / "models" / "loras" / saved), "pt") as f:
+        meta = f.metadata()
+        assert len(list(f.keys())) > 0
+    assert meta["dojo_steps"] == "2" and meta["dojo_base_model"] == base_model
+    assert meta.get("dojo_trigger_word", "") == trigger
+    return saved
+
+
+def output_files(comfy, entries) -> list[Path]:
+    files = [comfy.base / "output" / e.get("subfolder", "") / e["filename"] for e in entries]
+    assert files and all(f.is_file() and f.stat().st_size > 0 for f in files)
+    return files
+
+
+def test_flux_workflow_runs(comfy, stand_ins):
+    if not stand_ins["flux_detectable"]:
+        pytest.skip(f"ComfyUI {comfy.version} detects Flux files only at hidden 3072 (~1.1 GB); "
+                    "set DOJO_BIG_TEST_MODELS=1 to run the Flux workflow")
+    _, out = run_workflow(comfy, "dojo_flux_lora_trigger_word")
+    saved = check_saved_lora(comfy, out, "DeltamonStamp", "flux1-dev.safetensors")
+    assert saved.startswith("dojo/deltamon_stamp_flux_")
+    output_files(comfy, out["SaveImage"][0]["images"])
+
+
+def test_sdxl_workflow_runs(comfy, stand_ins):
+    _, out = run_workflow(comfy, "dojo_sdxl_lora_captions")
+    check_saved_lora(comfy, out, "", "sd_xl_base_1.0.safetensors")
+    output_files(comfy, out["SaveImage"][0]["images"])
+
+
+@pytest.mark.parametrize("name", ["dojo_hunyuan_video_lora_images", "dojo_hunyuan_video_lora_clips"])
+def test_hunyuan_video_workflows_run(comfy, stand_ins, name):
+    wf, out = run_workflow(comfy, name)
+    apply = next(n for n in wf["nodes"] if n["type"] == "DojoApplyLoRA")
+    assert apply["widgets_values"][0] == 1.4
+    check_saved_lora(comfy, out, "hvstyle", "hunyuan_video_t2v_720p_bf16.safetensors")
+    videos = output_files(comfy, out["SaveWEBM"][0]["images"])
+    assert all(v.suffix == ".webm" for v in videos)
+    import av
+    with av.open(str(videos[0])) as container:
+        assert sum(1 for _ in container.decode(video=0)) == 5
+
+
+# ------------------------------------------------------------------------------- the server
+
+def test_comfyui_serves_the_workflows_as_the_packs_templates(comfy, tmp_path):
+    """ComfyUI 0.8 and 0.33 both scan custom_nodes/<pack>/{example_workflows, example, examples, workflow,
+    workflows}/*.json for /workflow_templates and serve the folder under /api/workflow_templates/<pack>/."""
+    base = make_base_directory(tmp_path / "server_base")
+    port = _free_port()
+    log_path = tmp_path / "server.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+             "--base-directory", str(base), "--disable-auto-launch", "--disable-api-nodes"],
+            cwd=comfyui_path(), stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        templates = None
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"{url}/workflow_templates", timeout=5) as r:
+                    templates = json.load(r)
+                break
+            except OSError:
+                time.sleep(1)
+        assert templates is not None, f"server did not answer:\n{log_path.read_text()[-3000:]}"
+        assert sorted(templates.get(PACK_DIR_NAME, [])) == WORKFLOWS
+        name = WORKFLOWS[0]
+        with urllib.request.urlopen(f"{url}/api/workflow_templates/{PACK_DIR_NAME}/{name}.json", timeout=10) as r:
+            assert json.load(r) == load(name)
+        with urllib.request.urlopen(f"{url}/api/workflow_templates/{PACK_DIR_NAME}/{name}.jpg", timeout=10) as r:
+            assert r.read()[:2] == b"\xff\xd8"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
