@@ -56,9 +56,13 @@ class ComfyDenoisingModel:
         return captured["output"].float()
 
     def batch_extras(self, noisy: torch.Tensor, cond: Conditioning) -> dict:
-        """Conditioning extras that depend on the batch's shape. SDXL conditions on the image size:
+        """Conditioning extras the family needs for training. SDXL conditions on the image size:
         a training batch is described as an uncropped image of exactly its own size (as kohya does
         for bucketed data), unless the encoded conditioning already says otherwise."""
+        if self.family in (Family.FLUX, Family.HUNYUAN_VIDEO):
+            # Guidance-distilled models train at guidance 1 (ai-toolkit, musubi-tuner), not at ComfyUI's
+            # sampling default (3.5 / 6), unless the encoded conditioning carries its own.
+            return {"guidance": 1.0, **cond.extra}
         if self.family is not Family.SDXL:
             return cond.extra
         height, width = noisy.shape[-2] * 8, noisy.shape[-1] * 8

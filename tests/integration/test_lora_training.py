@@ -160,3 +160,14 @@ def test_trains_on_fp8_stored_weights_without_merging_into_them(comfy, dojo, tin
     for name, before in fp8.items():
         assert after[name].dtype == torch.float8_e4m3fn
         assert torch.equal(after[name].view(torch.uint8), before.view(torch.uint8))
+
+
+def test_flow_families_train_at_guidance_one_unless_the_conditioning_says_otherwise(comfy, dojo):
+    view = dojo.comfy_model.ComfyDenoisingModel(tiny_flux_patcher())
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(1, 16, 16, 16, generator=g), torch.tensor([0.5])
+    context, pooled = torch.randn(1, 7, 48, generator=g), torch.randn(1, 32, generator=g)
+    predict = lambda extra: view.predict(x, t, dojo.protocol.Conditioning(context, pooled, extra))  # noqa: E731
+    with torch.inference_mode():
+        default, one, sampling_default = predict({}), predict({"guidance": 1.0}), predict({"guidance": 3.5})
+    assert torch.equal(default, one) and not torch.equal(default, sampling_default)
