@@ -160,6 +160,11 @@ def sd_unet_diffusers_names(model_patcher) -> dict[str, str]:
 
 # --- progress and cancel ----------------------------------------------------------------------------
 
+# Seeds of training nodes should stay put between queue runs (a new seed retrains from scratch): ComfyUI
+# 0.33 lets a node ask for "fixed"; 0.8 only for the control widget, whose mode the user then sets.
+SEED_CONTROL = io.ControlAfterGenerate.fixed if hasattr(io, "ControlAfterGenerate") else True
+
+
 def progress_bar(total: int):
     return comfy.utils.ProgressBar(total)
 

@@ -181,7 +181,7 @@ class DojoLoadImageDataset(io.ComfyNode):
                 io.Boolean.Input("random_crop", default=False,
                                  tooltip="Crop at a seeded random offset instead of the centre when the aspect "
                                          "ratio does not fit the bucket exactly."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF,
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, control_after_generate=cc.SEED_CONTROL,
                              tooltip="Seed of random crops, caption dropout and tag shuffling."),
                 io.Int.Input("frames_per_clip", default=1, min=1, max=1025,
                              tooltip="Frames per video clip. 1 = a dataset of still images (videos skipped). "

@@ -103,7 +103,7 @@ class DojoTrainLoRA(io.ComfyNode):
                                        "auto = on for SDXL, Flux, HunyuanVideo and any model over 1B parameters."),
                 io.Combo.Input("precision", options=[p.value for p in Precision], default=Precision.BF16.value,
                                tooltip="bf16 autocast with fp32 LoRA weights (fast), or full fp32."),
-                io.Int.Input("seed", default=0, min=0, max=2**63 - 1,
+                io.Int.Input("seed", default=0, min=0, max=2**63 - 1, control_after_generate=cc.SEED_CONTROL,
                              tooltip="Same inputs and seed give the same LoRA, bit for bit."),
                 io.Int.Input("checkpoint_every", default=0, min=0, max=1_000_000,
                              tooltip="Write a resumable checkpoint every N steps (0 = only at the end or on cancel)."),
