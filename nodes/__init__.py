@@ -5,6 +5,7 @@ from .comfy_compat import ComfyExtension, io
 from .dataset_nodes import DojoEncodeDataset, DojoLoadImageDataset
 from .lora_nodes import DojoApplyLoRA, DojoLoadLoRA, DojoSaveLoRA
 from .model_info import DojoModelInfo
+from .share_nodes import DojoAdapterInfo, DojoExportModelCard, DojoPublishToHub
 from .train_lora import DojoTrainLoRA
 
 NODES: list[type[io.ComfyNode]] = [
@@ -15,6 +16,9 @@ NODES: list[type[io.ComfyNode]] = [
     DojoSaveLoRA,
     DojoLoadLoRA,
     DojoModelInfo,
+    DojoAdapterInfo,
+    DojoExportModelCard,
+    DojoPublishToHub,
 ]
 
 
