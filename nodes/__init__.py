@@ -6,6 +6,7 @@ from .caption_nodes import DojoCaptionImages, DojoDatasetImages, DojoSetCaptions
 from .dataset_nodes import DojoEncodeDataset, DojoLoadImageDataset
 from .lora_nodes import DojoApplyLoRA, DojoLoadLoRA, DojoSaveLoRA
 from .model_info import DojoModelInfo
+from .share_nodes import DojoAdapterInfo, DojoExportModelCard, DojoPublishToHub
 from .train_lora import DojoTrainLoRA
 
 NODES: list[type[io.ComfyNode]] = [
@@ -20,6 +21,9 @@ NODES: list[type[io.ComfyNode]] = [
     DojoSaveLoRA,
     DojoLoadLoRA,
     DojoModelInfo,
+    DojoAdapterInfo,
+    DojoExportModelCard,
+    DojoPublishToHub,
 ]
 
 

@@ -229,6 +229,24 @@ def lora_file_path(name: str) -> str | None:
     return folder_paths.get_full_path("loras", name)
 
 
+def embedding_file_names() -> list[str]:
+    return folder_paths.get_filename_list("embeddings")
+
+
+def embedding_file_path(name: str) -> str | None:
+    return folder_paths.get_full_path("embeddings", name)
+
+
+GRAPH_HIDDEN_INPUTS = [io.Hidden.prompt, io.Hidden.extra_pnginfo]
+
+
+def hidden_graph(node_cls) -> tuple[dict | None, dict | None]:
+    """The running prompt (API JSON) and extra_pnginfo ({"workflow": UI JSON}) of a V3 node declared with
+    `hidden=GRAPH_HIDDEN_INPUTS`; (None, None) when called outside an executing prompt."""
+    hidden = getattr(node_cls, "hidden", None)
+    return getattr(hidden, "prompt", None), getattr(hidden, "extra_pnginfo", None)
+
+
 def interrupt_requested() -> bool:
     return bool(comfy.model_management.processing_interrupted())
 

@@ -9,6 +9,7 @@ import torch
 
 from .. import __version__
 from ..training.files import next_free_path, save_safetensors_new
+from ..training.sharing import sharing_metadata
 from . import comfy_compat as cc
 from .comfy_compat import io
 from .lora_training import DojoLoRA
@@ -96,6 +97,7 @@ class DojoSaveLoRA(io.ComfyNode):
                 io.String.Input("base_model_name", default="", optional=True,
                                 tooltip="Recorded in the metadata, e.g. flux1-dev.safetensors."),
             ],
+            hidden=cc.GRAPH_HIDDEN_INPUTS,  # the graph is embedded in the metadata, as ComfyUI does in PNGs
             outputs=[io.String.Output(display_name="path", tooltip="Where the file was written, relative to models/loras.")],
         )
 
@@ -110,6 +112,7 @@ class DojoSaveLoRA(io.ComfyNode):
             metadata["dojo_trigger_word"] = trigger_word
         if base_model_name:
             metadata["dojo_base_model"] = metadata["ss_sd_model_name"] = base_model_name
+        metadata = sharing_metadata("lora", metadata, *cc.hidden_graph(cls))
         dtype = SAVE_DTYPES[save_dtype]
         save_safetensors_new(path, {k: v.to(dtype) for k, v in lora.items()}, metadata)
         relative = str(path.relative_to(root))

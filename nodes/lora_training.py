@@ -7,6 +7,7 @@ restored, so the base model's outputs afterwards are bit-identical to before.
 """
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,6 +146,11 @@ def train_lora(model_patcher, dataset: EncodedDataset, job: LoraJob) -> LoraResu
                 "ss_network_dim": str(job.adapter.rank), "ss_network_alpha": str(job.adapter.alpha),
                 "ss_learning_rate": str(job.train.learning_rate), "ss_num_train_images": str(len(dataset)),
                 "ss_max_train_steps": str(job.train.steps), "ss_seed": str(job.train.seed),
+                # every setting of the run, as one JSON string (read back by Dojo Adapter Info and model cards)
+                "dojo_training": json.dumps({**run, "batch_size_used": batch_size, "steps_done": state.step,
+                                             "gradient_checkpointing": job.gradient_checkpointing,
+                                             "checkpoint_every": job.checkpoint_every,
+                                             "dataset_size": len(dataset)}, sort_keys=True, default=str),
                 **job.extra_metadata}
     lora = DojoLoRA({k: v.cpu() for k, v in tensors.items()}, metadata)
     return LoraResult(lora, list(state.losses), state.step, cancelled, checkpoints[-1] if checkpoints else None)

@@ -47,3 +47,17 @@ def save_safetensors_new(path: Path, tensors: dict[str, torch.Tensor], metadata:
     clean = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     meta = {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in (metadata or {}).items()}
     return write_new_file(path, lambda tmp: safetensors.torch.save_file(clean, str(tmp), metadata=meta))
+
+
+def new_folder(directory: Path, stem: str) -> Path:
+    """A new, empty `stem_NNNNN` folder inside `directory`: created atomically with mkdir, so an existing
+    folder (another export, or one made meanwhile) is never reused."""
+    directory.mkdir(parents=True, exist_ok=True)
+    counter = 1
+    while True:
+        candidate = directory / f"{stem}_{counter:05d}"
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            counter += 1

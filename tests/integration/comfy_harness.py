@@ -146,13 +146,17 @@ class ComfyUI:
         """An API-format node with its widget defaults filled in and `inputs` on top."""
         return {"class_type": class_type, "inputs": {**self.widget_defaults(class_type), **inputs}}
 
-    def run(self, prompt: dict) -> PromptResult:
-        """Validate and execute an API-format prompt ({id: {class_type, inputs}}) like the server does."""
+    def run(self, prompt: dict, extra_pnginfo: dict | None = None) -> PromptResult:
+        """Validate and execute an API-format prompt ({id: {class_type, inputs}}) like the server does.
+        `extra_pnginfo` is what the UI sends along ({"workflow": UI JSON}), as extra_data["extra_pnginfo"]."""
         prompt_id = str(uuid.uuid4())
         valid, error, outputs, node_errors = asyncio.run(self.execution.validate_prompt(prompt_id, prompt, None))
         if not valid:
             return PromptResult(False, {}, validation_errors={"error": error, "node_errors": node_errors})
         self.server.messages.clear()
-        self.executor.execute(prompt, prompt_id, {"client_id": "dojo-tests"}, outputs)
+        extra_data = {"client_id": "dojo-tests"}
+        if extra_pnginfo is not None:
+            extra_data["extra_pnginfo"] = extra_pnginfo
+        self.executor.execute(prompt, prompt_id, extra_data, outputs)
         return PromptResult(self.executor.success, dict(self.executor.history_result.get("outputs", {})),
                             list(self.server.messages))
