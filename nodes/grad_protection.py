@@ -75,7 +75,12 @@ def training_region(model, checkpointing: bool, blocks_to_swap: int = 0,
             stats = stack.enter_context(
                 protected_training(checkpoint_units(model), checkpointing, rope_substitutions()))
         if blocks_to_swap > 0:
-            units = checkpoint_units(model)
+            if not needs_protection(model):
+                # A UNet's input/output blocks are not called as modules (ComfyUI's forward_timestep_embed
+                # iterates their layers), so per-block hooks would never run: refuse instead of failing.
+                raise ValueError("blocks_to_swap works on transformer models (Flux, HunyuanVideo); "
+                                 "set it to 0 for SD1.5 / SDXL")
+            units = transformer_blocks(model)
             if blocks_to_swap > len(units):
                 log.warning("Dojo: blocks_to_swap %d is more than the model's %d blocks; swapping all of them",
                             blocks_to_swap, len(units))

@@ -193,3 +193,10 @@ def test_auto_defaults_for_hunyuan_video(comfy, dojo):
                                                    gradient_checkpointing="off")
     assert (manual.rank, manual.learning_rate, manual.shift, manual.gradient_checkpointing) == (8, 1e-4, 3.0, False)
     assert manual.targets is dojo.protocol.TargetPreset.ATTENTION
+
+
+def test_block_swap_is_refused_for_unets(comfy, dojo):
+    from inprocess_models import tiny_sd15_patcher
+    from test_lora_training import encoded
+    with pytest.raises(ValueError, match="blocks_to_swap"):
+        dojo.lora_training.train_lora(tiny_sd15_patcher(), encoded(dojo), job(dojo, steps=1, blocks_to_swap=1))
