@@ -3,9 +3,12 @@ protect and checkpoint, and the ops to swap for differentiable ones while traini
 from __future__ import annotations
 
 import contextlib
+import logging
 
+import torch
 from torch import nn
 
+from ..training.block_swap import block_swap
 from ..training.grad_safety import protected_training
 from .comfy_compat import rope_substitutions
 
@@ -56,14 +59,35 @@ def needs_protection(model) -> bool:
     return any(getattr(net, name, None) is not None for name in BLOCK_LISTS)
 
 
+log = logging.getLogger("comfyui-dojo")
+
+
 @contextlib.contextmanager
-def training_region(model, checkpointing: bool):
+def training_region(model, checkpointing: bool, blocks_to_swap: int = 0,
+                    device: torch.device | str = "cpu"):
     """Where a training step's forward and backward run: copy-on-write protection for models that
-    need it (or whenever blocks are checkpointed, so that recomputation is protected too)."""
-    if not (checkpointing or needs_protection(model)):
-        yield None
-        return
-    with protected_training(checkpoint_units(model), checkpointing, rope_substitutions()) as stats:
+    need it (or whenever blocks are checkpointed, so that recomputation is protected too), and with
+    `blocks_to_swap` > 0 the last that many blocks streamed to `device` from the CPU for each forward
+    (training.block_swap)."""
+    with contextlib.ExitStack() as stack:
+        stats = None
+        if checkpointing or needs_protection(model):
+            stats = stack.enter_context(
+                protected_training(checkpoint_units(model), checkpointing, rope_substitutions()))
+        if blocks_to_swap > 0:
+            if not needs_protection(model):
+                # A UNet's input/output blocks are not called as modules (ComfyUI's forward_timestep_embed
+                # iterates their layers), so per-block hooks would never run: refuse instead of failing.
+                raise ValueError("blocks_to_swap works on transformer models (Flux, HunyuanVideo); "
+                                 "set it to 0 for SD1.5 / SDXL")
+            units = transformer_blocks(model)
+            if blocks_to_swap > len(units):
+                log.warning("Dojo: blocks_to_swap %d is more than the model's %d blocks; swapping all of them",
+                            blocks_to_swap, len(units))
+            if not checkpointing:
+                log.warning("Dojo: block swap without gradient checkpointing keeps every block's weights "
+                            "on the device until backward reaches it; turn checkpointing on to save memory")
+            stack.enter_context(block_swap(units, device, resident=max(0, len(units) - blocks_to_swap)))
         yield stats
 
 

@@ -52,6 +52,7 @@ class LoraJob:
     train: TrainConfig
     batch_size: int = 1
     gradient_checkpointing: bool = False
+    blocks_to_swap: int = 0              # 0 = off; else the last N blocks stream from the CPU (block swap)
     checkpoint_every: int = 0
     checkpoint_dir: Path | None = None
     resume_from: Path | None = None
@@ -122,7 +123,7 @@ def train_lora(model_patcher, dataset: EncodedDataset, job: LoraJob) -> LoraResu
                 progress.start_at(state.step)
             callbacks = Callbacks(on_step=on_step, should_stop=progress.should_stop, on_checkpoint=write_checkpoint)
             try:
-                with training_region(patcher, job.gradient_checkpointing):
+                with training_region(patcher, job.gradient_checkpointing, job.blocks_to_swap, device):
                     state, optimizer, scheduler = train(
                         view, adapter, BatchSchedule(samples, batch_size, job.train.seed), job.train, device=device,
                         state=state, optimizer_state=optimizer_state, callbacks=callbacks,

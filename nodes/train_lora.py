@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,36 @@ def dataset_metadata(dataset) -> dict[str, str]:
 
 def checkpoint_root() -> Path:
     return Path(cc.output_directory()) / CHECKPOINT_FOLDER
+
+
+@dataclass(frozen=True)
+class AutoSettings:
+    """The Train LoRA settings after 'auto' / 0 widgets are resolved for the model's family."""
+    rank: int
+    learning_rate: float
+    targets: TargetPreset
+    timestep_sampling: TimestepSampling
+    shift: float                 # the shift training samples with (the model's own unless set)
+    gradient_checkpointing: bool
+
+
+def resolve_auto_settings(view: ComfyDenoisingModel, *, rank: int = 0, learning_rate: float = 0.0,
+                          targets: str = AUTO, timestep_sampling: str = AUTO, shift: float = 0.0,
+                          gradient_checkpointing: str = AUTO) -> AutoSettings:
+    """A set value always wins; 'auto' and 0 take the family recipe (training/recipes.py) and the
+    model's own sampling shift."""
+    recipe = LORA_RECIPES[view.family]
+    if gradient_checkpointing == AUTO:
+        size = sum(p.numel() for p in view.diffusion_model.parameters())
+        checkpointing = recipe.gradient_checkpointing or size > CHECKPOINTING_PARAMETER_THRESHOLD
+    else:
+        checkpointing = gradient_checkpointing == "on"
+    sampling = default_timestep_sampling(view.schedule.prediction) if timestep_sampling == AUTO \
+        else TimestepSampling(timestep_sampling)
+    return AutoSettings(rank=rank or recipe.rank, learning_rate=learning_rate or recipe.learning_rate,
+                        targets=recipe.targets if targets == AUTO else TargetPreset(targets),
+                        timestep_sampling=sampling, shift=shift or view.schedule.shift,
+                        gradient_checkpointing=checkpointing)
 
 
 class DojoTrainLoRA(io.ComfyNode):
@@ -112,6 +143,11 @@ class DojoTrainLoRA(io.ComfyNode):
                 io.String.Input("resume_from", default="", optional=True,
                                 tooltip="A run folder (or run/step_NNNNNN) in output/dojo_checkpoints to continue "
                                         "exactly; settings must match the run. Empty = start fresh."),
+                io.Int.Input("blocks_to_swap", default=0, min=0, max=1000, optional=True,
+                             tooltip="Block swap, for models too large for the GPU: keep all but this many "
+                                     "transformer blocks on the GPU and stream the last N from CPU memory for "
+                                     "each forward and backward. Slower (weights cross the bus every step); "
+                                     "the result is identical. Use with gradient checkpointing. 0 = off."),
             ],
             outputs=[
                 io.LoraModel.Output(display_name="lora", tooltip="The trained LoRA, for Dojo Apply/Save LoRA."),
@@ -124,21 +160,17 @@ class DojoTrainLoRA(io.ComfyNode):
     def execute(cls, model, dataset, steps, batch_size, grad_accumulation, learning_rate, rank, alpha, adapter,
                 targets, optimizer, lr_schedule, warmup_steps, timestep_sampling, shift, min_snr_gamma,
                 noise_offset, gradient_checkpointing, precision, seed, checkpoint_every, run_name,
-                resume_from="") -> io.NodeOutput:
+                resume_from="", blocks_to_swap=0) -> io.NodeOutput:
         view = ComfyDenoisingModel(model)
-        recipe = LORA_RECIPES[view.family]
-        rank = rank or recipe.rank
-        if gradient_checkpointing == AUTO:
-            size = sum(p.numel() for p in view.diffusion_model.parameters())
-            checkpointing = recipe.gradient_checkpointing or size > CHECKPOINTING_PARAMETER_THRESHOLD
-        else:
-            checkpointing = gradient_checkpointing == "on"
-        sampling = default_timestep_sampling(view.schedule.prediction) if timestep_sampling == AUTO \
-            else TimestepSampling(timestep_sampling)
+        auto = resolve_auto_settings(view, rank=rank, learning_rate=learning_rate, targets=targets,
+                                     timestep_sampling=timestep_sampling, shift=shift,
+                                     gradient_checkpointing=gradient_checkpointing)
+        rank = auto.rank
+        checkpointing = auto.gradient_checkpointing
         train_config = TrainConfig(
-            steps=steps, learning_rate=learning_rate or recipe.learning_rate, optimizer=OptimizerKind(optimizer),
+            steps=steps, learning_rate=auto.learning_rate, optimizer=OptimizerKind(optimizer),
             grad_accumulation=grad_accumulation, lr_schedule=LRSchedule(lr_schedule), warmup_steps=warmup_steps,
-            timestep_sampling=sampling, shift=shift or None, min_snr_gamma=min_snr_gamma,
+            timestep_sampling=auto.timestep_sampling, shift=shift or None, min_snr_gamma=min_snr_gamma,
             noise_offset=noise_offset, precision=Precision(precision), seed=seed)
         root = checkpoint_root()
         if resume_from and resume_from.strip():
@@ -152,8 +184,9 @@ class DojoTrainLoRA(io.ComfyNode):
             run_dir = next_free_path(root, resolve_inside(root, run_name or "dojo_lora", "run_name").name, "")
         job = LoraJob(
             adapter=AdapterConfig(AdapterType(adapter), rank=rank, alpha=alpha or float(rank)),
-            targets=recipe.targets if targets == AUTO else TargetPreset(targets),
+            targets=auto.targets,
             train=train_config, batch_size=batch_size, gradient_checkpointing=checkpointing,
+            blocks_to_swap=blocks_to_swap,
             checkpoint_every=checkpoint_every, checkpoint_dir=run_dir, resume_from=resume,
             extra_metadata=dataset_metadata(dataset))
         result = train_lora(model, dataset, job)

@@ -143,6 +143,10 @@ class AttachedAdapter:
         for p, flag in self._requires_grad.items():
             p.requires_grad_(flag)
         self._requires_grad = {}
+        # peft records its config on the root module; a model that had none gets none back.
+        if getattr(self, "_drop_peft_config", False):
+            vars(self.root).pop("peft_config", None)
+            self._drop_peft_config = False
 
 
 def attach_adapter(root: nn.Module, modules: dict[str, nn.Module], config: AdapterConfig,
@@ -158,6 +162,7 @@ def attach_adapter(root: nn.Module, modules: dict[str, nn.Module], config: Adapt
     originals = {name: root.get_submodule(name) for name in modules}
     requires_grad = {p: p.requires_grad for p in root.parameters()}
     attached = AttachedAdapter(root, originals, config, requires_grad)
+    attached._drop_peft_config = "peft_config" not in vars(root)
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

@@ -23,6 +23,7 @@ so train with `loss.backward()` (not `torch.autograd.grad`), like any reentrant 
 from __future__ import annotations
 
 import contextlib
+import threading
 import weakref
 from typing import Callable, Iterable, Mapping
 
@@ -205,7 +206,7 @@ class _BlockCheckpoint(torch.autograd.Function):
                   for t in ctx.saved_tensors]
         with torch.enable_grad(), _autocast(ctx.autocast), \
                 copy_on_write_saved_tensors(ctx.box["substitutions"]):
-            outputs = ctx.run([_clone_input(t) for t in leaves])
+            outputs = ctx.run([_clone_input(t) for t in leaves], recompute=True)
         flat = [o for o in pytree.tree_leaves(outputs) if isinstance(o, torch.Tensor)]
         pairs = [(o, g) for o, g in zip(flat, grads) if g is not None and o.requires_grad]
         if pairs:
@@ -213,19 +214,40 @@ class _BlockCheckpoint(torch.autograd.Function):
         return (None, None, None, *[leaf.grad if leaf.requires_grad else None for leaf in leaves])
 
 
-def _checkpointed_forward(original: Callable, substitutions: Mapping):
+_recompute = threading.local()
+
+
+def _recomputing() -> bool:
+    return getattr(_recompute, "depth", 0) > 0
+
+
+@contextlib.contextmanager
+def _recomputation():
+    _recompute.depth = getattr(_recompute, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _recompute.depth -= 1
+
+
+def _checkpointed_forward(block: nn.Module, original: Callable, substitutions: Mapping):
     def forward(*args, **kwargs):
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() or _recomputing():
             return original(*args, **kwargs)
         flat, tree = pytree.tree_flatten((args, kwargs))
         slots = [i for i, x in enumerate(flat) if isinstance(x, torch.Tensor)]
 
-        def run(tensors):
+        def run(tensors, recompute=False):
             filled = list(flat)
             for i, t in zip(slots, tensors):
                 filled[i] = t
             call_args, call_kwargs = pytree.tree_unflatten(filled, tree)
-            return original(*call_args, **call_kwargs)
+            if not recompute:
+                return original(*call_args, **call_kwargs)  # already inside block.__call__
+            # The recomputation goes through block.__call__ so that the block's hooks (block swap's
+            # weight streaming among them) run around it as they did around the forward.
+            with _recomputation():
+                return block(*call_args, **call_kwargs)
 
         box = {"substitutions": substitutions}
         anchor = torch.empty(0, requires_grad=True)
@@ -255,7 +277,7 @@ def checkpoint_blocks(blocks: Iterable[nn.Module], substitutions: Mapping[Callab
             if "forward" in vars(block):
                 raise RuntimeError(f"{type(block).__name__} already has an instance-level forward; "
                                    "refusing to stack checkpoint wrappers")
-            block.forward = _checkpointed_forward(type(block).forward.__get__(block), subs)
+            block.forward = _checkpointed_forward(block, type(block).forward.__get__(block), subs)
             installed.append(block)
         yield
     finally:

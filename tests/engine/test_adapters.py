@@ -20,6 +20,7 @@ def test_detach_restores_modules_flags_and_outputs_exactly():
     model = tiny_unet_model()
     before_modules = dict(model.unet.named_modules())
     flags = {n: p.requires_grad for n, p in model.unet.named_parameters()}
+    attributes = set(vars(model.unet))
     before = _forward(model)
     adapter = attach_adapter(model.unet, model.adaptable_modules(TargetPreset.ATTENTION), AdapterConfig(rank=4))
     with torch.no_grad():
@@ -30,6 +31,7 @@ def test_detach_restores_modules_flags_and_outputs_exactly():
     # ...and after detach every module object, flag and output bit is as before.
     assert dict(model.unet.named_modules()) == before_modules
     assert {n: p.requires_grad for n, p in model.unet.named_parameters()} == flags
+    assert set(vars(model.unet)) == attributes  # no peft_config left behind
     assert torch.equal(_forward(model), before)
 
 
