@@ -37,17 +37,17 @@ UNET_BLOCKS = ("input_blocks", "middle_block", "output_blocks")
 
 def checkpoint_units(model) -> list[nn.Module]:
     """The blocks whose activations gradient checkpointing recomputes: Flux-style transformer blocks,
-    or a UNet's input, middle and output blocks."""
+    or the layers inside a UNet's input, middle and output blocks (ComfyUI's UNet calls those layers
+    one by one and never the block containers, so wrapping the containers would do nothing)."""
     net = diffusion_model_of(model)
     if any(getattr(net, name, None) is not None for name in BLOCK_LISTS):
         return transformer_blocks(net)
     units = []
     for name in UNET_BLOCKS:
         part = getattr(net, name, None)
-        if isinstance(part, nn.ModuleList):
-            units += list(part)
-        elif isinstance(part, nn.Module):
-            units.append(part)
+        blocks = list(part) if isinstance(part, nn.ModuleList) else [part] if isinstance(part, nn.Module) else []
+        for block in blocks:
+            units += list(block.children()) if isinstance(block, nn.Sequential) else [block]
     if not units:
         raise ValueError(f"{type(net).__name__} has no blocks Dojo knows how to checkpoint")
     return units

@@ -171,3 +171,24 @@ def test_flow_families_train_at_guidance_one_unless_the_conditioning_says_otherw
     with torch.inference_mode():
         default, one, sampling_default = predict({}), predict({"guidance": 1.0}), predict({"guidance": 3.5})
     assert torch.equal(default, one) and not torch.equal(default, sampling_default)
+
+
+@pytest.mark.parametrize("family", ["sd15", "flux"])
+def test_gradient_checkpointing_really_recomputes_the_blocks(comfy, dojo, family):
+    """Each checkpointed unit runs twice per step (forward, then again in backward) — a wrapper that
+    is never called would train correctly but save no memory."""
+    import importlib
+    pack = sys.modules[comfy.pack_module_name()].__name__
+    protection = importlib.import_module(f"{pack}.nodes.grad_protection")
+    patcher = FAMILIES[family][0]()
+    units = protection.checkpoint_units(patcher)
+    calls = {id(u): 0 for u in units}
+    hooks = [u.register_forward_pre_hook(lambda m, a: calls.__setitem__(id(m), calls[id(m)] + 1)) for u in units]
+    try:
+        dojo.lora_training.train_lora(patcher, encoded(dojo, family), job(dojo, steps=1, gradient_checkpointing=True))
+    finally:
+        for h in hooks:
+            h.remove()
+    ran = [c for c in calls.values() if c]
+    assert len(ran) >= len(units) // 2, f"only {len(ran)} of {len(units)} units ran"
+    assert all(c == 2 for c in ran), sorted(set(calls.values()))
