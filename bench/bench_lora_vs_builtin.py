@@ -32,7 +32,7 @@ def rss_mb() -> float:
 
 def child(args) -> dict:
     import torch
-    import conftest  # noqa: F401  (makes comfyui_dojo importable from this checkout)
+    import pack_import  # noqa: F401  (makes comfyui_dojo importable from this checkout)
     from comfy_harness import ComfyUI, comfyui_path, make_base_directory
     torch.set_num_threads(args.threads)
     comfy = ComfyUI(comfyui_path(), make_base_directory(Path(tempfile.mkdtemp())))

@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 import comfyui_dojo.training as training
-from conftest import PACK_IMPORT_SNIPPET
+from pack_import import PACK_IMPORT_SNIPPET
 
 COMFY_MODULES = ("comfy", "comfy_api", "comfy_execution", "comfy_extras", "folder_paths", "nodes",
                  "execution", "server", "node_helpers", "latent_preview")
