@@ -19,7 +19,7 @@ from ..training.batches import BatchSchedule, Sample
 from ..training.checkpoints import check_resumable, load_checkpoint, save_checkpoint
 from ..training.encoded import EncodedDataset
 from ..training.loop import Callbacks, TrainConfig, TrainState, train
-from ..training.lora_formats import lora_state_dict
+from ..training.lora_formats import factors_from_state_dict, lora_state_dict
 from ..training.protocol import Family, TargetPreset
 from . import comfy_compat as cc
 from .comfy_model import ComfyDenoisingModel
@@ -56,6 +56,7 @@ class LoraJob:
     checkpoint_every: int = 0
     checkpoint_dir: Path | None = None
     resume_from: Path | None = None
+    init_lora: dict | None = None        # continue from an existing LoRA's weights (a fresh run otherwise)
     extra_metadata: dict = field(default_factory=dict)
 
 
@@ -102,6 +103,7 @@ def train_lora(model_patcher, dataset: EncodedDataset, job: LoraJob) -> LoraResu
         adapter = attach_adapter(view.diffusion_model, view.adaptable_modules(job.targets), job.adapter,
                                  seed=job.train.seed)
         checkpoints: list[Path] = []
+        diffusers_names = cc.sd_unet_diffusers_names(patcher) if view.family in (Family.SD15, Family.SDXL) else None
 
         def write_checkpoint(state, optimizer, scheduler):
             if job.checkpoint_dir is None:
@@ -113,6 +115,9 @@ def train_lora(model_patcher, dataset: EncodedDataset, job: LoraJob) -> LoraResu
 
         try:
             state, optimizer_state = TrainState(), None
+            if job.init_lora is not None:
+                adapter.load_low_rank_factors(factors_from_state_dict(
+                    view.family, dict(job.init_lora), list(adapter.originals), diffusers_names))
             if job.resume_from is not None:
                 ckpt = load_checkpoint(job.resume_from)
                 check_resumable(ckpt, run)
@@ -139,8 +144,7 @@ def train_lora(model_patcher, dataset: EncodedDataset, job: LoraJob) -> LoraResu
             # one can be continued with more steps.
             if state.step > 0 and not (checkpoints and checkpoints[-1].name == f"step_{state.step:06d}"):
                 write_checkpoint(state, optimizer, scheduler)
-            names = cc.sd_unet_diffusers_names(patcher) if view.family in (Family.SD15, Family.SDXL) else None
-            tensors = lora_state_dict(view.family, adapter.export_factors(), names)
+            tensors = lora_state_dict(view.family, adapter.export_factors(), diffusers_names)
         finally:
             adapter.detach()
     metadata = {"dojo_family": view.family.value, "dojo_steps": str(state.step),

@@ -148,6 +148,9 @@ class DojoTrainLoRA(io.ComfyNode):
                                      "transformer blocks on the GPU and stream the last N from CPU memory for "
                                      "each forward and backward. Slower (weights cross the bus every step); "
                                      "the result is identical. Use with gradient checkpointing. 0 = off."),
+                io.LoraModel.Input("continue_from", optional=True,
+                                   tooltip="Optional: a LoRA (e.g. from Dojo Load LoRA) to start from instead of "
+                                           "a fresh one; it must be a plain LoRA of the same family, targets and rank."),
             ],
             outputs=[
                 io.LoraModel.Output(display_name="lora", tooltip="The trained LoRA, for Dojo Apply/Save LoRA."),
@@ -160,7 +163,7 @@ class DojoTrainLoRA(io.ComfyNode):
     def execute(cls, model, dataset, steps, batch_size, grad_accumulation, learning_rate, rank, alpha, adapter,
                 targets, optimizer, lr_schedule, warmup_steps, timestep_sampling, shift, min_snr_gamma,
                 noise_offset, gradient_checkpointing, precision, seed, checkpoint_every, run_name,
-                resume_from="", blocks_to_swap=0) -> io.NodeOutput:
+                resume_from="", blocks_to_swap=0, continue_from=None) -> io.NodeOutput:
         view = ComfyDenoisingModel(model)
         auto = resolve_auto_settings(view, rank=rank, learning_rate=learning_rate, targets=targets,
                                      timestep_sampling=timestep_sampling, shift=shift,
@@ -187,7 +190,7 @@ class DojoTrainLoRA(io.ComfyNode):
             targets=auto.targets,
             train=train_config, batch_size=batch_size, gradient_checkpointing=checkpointing,
             blocks_to_swap=blocks_to_swap,
-            checkpoint_every=checkpoint_every, checkpoint_dir=run_dir, resume_from=resume,
+            checkpoint_every=checkpoint_every, checkpoint_dir=run_dir, resume_from=resume, init_lora=continue_from,
             extra_metadata=dataset_metadata(dataset))
         result = train_lora(model, dataset, job)
         if result.cancelled:

@@ -132,6 +132,28 @@ class AttachedAdapter:
             factors[name] = (vh[:rank].float().contiguous(), (u[:, :rank] * s[:rank]).float().contiguous())
         return factors
 
+    def load_low_rank_factors(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Start from an existing LoRA: `factors` maps module name -> (down [r, in], up [out, r]) with the
+        scale baked into up, as `low_rank_factors` gives them. Modules it does not name keep their fresh
+        (zero-effect) initialisation."""
+        if AdapterType(self.config.kind) is not AdapterType.LORA:
+            raise ValueError(f"only a plain LoRA can continue from a LoRA file, not {self.config.kind}")
+        layers = self.layers()
+        unknown = sorted(set(factors) - set(layers))
+        if unknown:
+            raise ValueError(f"the LoRA has {len(unknown)} layers outside the chosen targets (e.g. {unknown[:2]}); "
+                             "choose the targets it was trained with")
+        with torch.no_grad():
+            for name, (down, up) in factors.items():
+                layer = layers[name]
+                a, b = layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight
+                if tuple(down.shape) != tuple(a.shape) or tuple(up.shape) != tuple(b.shape):
+                    raise ValueError(f"the LoRA's layer {name} has rank {down.shape[0]} and shape "
+                                     f"{tuple(up.shape[:1]) + tuple(down.shape[1:])}; training uses rank {a.shape[0]} "
+                                     f"on {tuple(b.shape[:1]) + tuple(a.shape[1:])}: set rank to {down.shape[0]}")
+                a.copy_(down)
+                b.copy_(up / layer.scaling[ADAPTER_NAME])
+
     def detach(self) -> None:
         """Put every original module back; safe to call twice."""
         for name, original in self.originals.items():

@@ -60,3 +60,27 @@ def lora_state_dict(family: Family, factors: Factors, diffusers_names: dict[str,
         out[f"{key}.lora_A.weight"] = down
         out[f"{key}.lora_B.weight"] = up
     return out
+
+
+def factors_from_state_dict(family: Family, state: dict[str, torch.Tensor], module_names: list[str],
+                            diffusers_names: dict[str, str] | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The inverse of `lora_state_dict` for the modules in `module_names`: (down, up) per module found in
+    a file. Keys that belong to none of those modules are reported, never silently dropped."""
+    expected = lora_state_dict(family, {n: (torch.empty(0), torch.empty(0)) for n in module_names}, diffusers_names)
+    by_key = {}
+    keys = list(expected)
+    for name, down_key, up_key in zip(module_names, keys[0::2], keys[1::2]):
+        by_key[down_key] = (name, 0)
+        by_key[up_key] = (name, 1)
+    unknown = sorted(k for k in state if k not in by_key)
+    if unknown:
+        raise ValueError(f"{len(unknown)} tensors of the LoRA belong to no layer of the chosen targets "
+                         f"(e.g. {unknown[:2]}); it may be for another family or target preset")
+    pairs: dict[str, list] = {}
+    for key, tensor in state.items():
+        name, slot = by_key[key]
+        pairs.setdefault(name, [None, None])[slot] = tensor.float()
+    missing = [n for n, (d, u) in pairs.items() if d is None or u is None]
+    if missing:
+        raise ValueError(f"the LoRA lacks the down or up half of {len(missing)} layers (e.g. {missing[:2]})")
+    return {n: (d, u) for n, (d, u) in pairs.items()}

@@ -133,3 +133,17 @@ def test_other_adapter_types_save_as_plain_loras_that_load_everywhere(comfy, doj
     assert lora and all(k.endswith((".lora_down.weight", ".lora_up.weight")) for k in lora)
     applied, _ = dojo.lora_nodes.DojoApplyLoRA.execute(model, lora, 1.0).result  # raises on any unloaded key
     assert len(applied.patches) == len(lora) // 2
+
+
+def test_training_can_continue_from_a_saved_lora_file(comfy, dojo):
+    model, data = tiny_sd15_patcher(), encoded(dojo)
+    first = train_node(dojo, model, data, steps=4, run_name="cont_a").result[0]
+    name = dojo.lora_nodes.DojoSaveLoRA.execute(first, "tests/continue", "fp32").result[0]
+    loaded = dojo.lora_nodes.DojoLoadLoRA.execute(name).result[0]
+    # Zero steps of change: a run that continues with learning rate ~0 gives back the same LoRA.
+    same = train_node(dojo, model, data, steps=1, learning_rate=1e-12, run_name="cont_b", continue_from=loaded).result[0]
+    assert all(torch.allclose(same[k], first[k], atol=1e-6) for k in first)
+    further = train_node(dojo, model, data, steps=3, run_name="cont_c", continue_from=loaded).result[0]
+    assert any(not torch.allclose(further[k], first[k]) for k in first)
+    with pytest.raises(ValueError, match="set rank to 4"):
+        train_node(dojo, model, data, steps=1, rank=8, run_name="cont_d", continue_from=loaded)
