@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from .comfy_compat import ComfyExtension, io
 from .dataset_nodes import DojoEncodeDataset, DojoLoadImageDataset
+from .embedding_nodes import DojoApplyEmbedding, DojoLoadEmbedding, DojoSaveEmbedding, DojoTrainTextualInversion
 from .lora_nodes import DojoApplyLoRA, DojoLoadLoRA, DojoSaveLoRA
 from .model_info import DojoModelInfo
 from .train_lora import DojoTrainLoRA
@@ -14,6 +15,10 @@ NODES: list[type[io.ComfyNode]] = [
     DojoApplyLoRA,
     DojoSaveLoRA,
     DojoLoadLoRA,
+    DojoTrainTextualInversion,
+    DojoApplyEmbedding,
+    DojoSaveEmbedding,
+    DojoLoadEmbedding,
     DojoModelInfo,
 ]
 
