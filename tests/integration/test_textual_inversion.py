@@ -338,3 +338,26 @@ def test_sdxl_trains_clip_l_and_clip_g_together_and_the_file_has_a1111_keys(comf
     torch.testing.assert_close(from_file[0], in_graph[0], rtol=0, atol=1e-5)
     torch.testing.assert_close(from_file[1], in_graph[1], rtol=0, atol=1e-5)
     assert not torch.equal(in_graph[1], clip_text_encode(comfy, clip, "a photo of a")[1])
+
+
+def test_an_error_or_a_cancel_mid_training_leaves_model_and_clip_bit_identical(comfy, dojo, sd15, monkeypatch):
+    model, clip, _ = sd15
+    cc = dojo.comfy_compat
+    clip_before = clip_text_encode(comfy, clip, "a photo of embedding:tiemb")
+    model_before = model_output(dojo, model)
+    real, calls = cc.clip_encode_text, {"n": 0}
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise RuntimeError("boom in step 3")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(cc, "clip_encode_text", failing)
+    with pytest.raises(RuntimeError, match="boom"):
+        dojo.ti_training.train_embedding(model, clip, latents(), CAPTIONS, job(dojo, steps=4))
+    monkeypatch.undo()
+    monkeypatch.setattr(cc, "interrupt_requested", lambda: calls.__setitem__("n", calls["n"] + 1) or calls["n"] > 4)
+    assert dojo.ti_training.train_embedding(model, clip, latents(), CAPTIONS, job(dojo, steps=4)).cancelled
+    monkeypatch.undo()
+    assert torch.equal(clip_text_encode(comfy, clip, "a photo of embedding:tiemb")[0], clip_before[0])
+    assert torch.equal(model_output(dojo, model), model_before)
