@@ -361,3 +361,30 @@ def test_an_error_or_a_cancel_mid_training_leaves_model_and_clip_bit_identical(c
     monkeypatch.undo()
     assert torch.equal(clip_text_encode(comfy, clip, "a photo of embedding:tiemb")[0], clip_before[0])
     assert torch.equal(model_output(dojo, model), model_before)
+
+
+def test_node_cancel_raises_interrupt_keeps_a_checkpoint_and_resume_from_finishes_exactly(comfy, dojo, sd15, monkeypatch):
+    model, clip, vae = sd15
+    folder = fresh_folder(comfy, "ti_node")
+    for i, colour in enumerate([(200, 0, 0), (0, 0, 200)]):
+        image(folder / f"img{i}.png", (64, 64), colour)
+    data = dojo.dataset_nodes.DojoLoadImageDataset.execute("ti_node", resolution=64, min_side=64, max_side=64).result[0]
+    settings = dict(embedding_name="node_emb", captions="style", num_vectors=1, init_word="painting", steps=4,
+                    batch_size=1, learning_rate=1e-2, lr_schedule="cosine", warmup_steps=1, timestep_sampling="auto",
+                    precision="fp32", seed=5, checkpoint_every=0)
+    def train(*args, **kwargs):
+        with torch.inference_mode():  # as ComfyUI's executor runs every node
+            return dojo.embedding_nodes.DojoTrainTextualInversion.execute(*args, **kwargs)
+    straight = train(model, clip, vae, data, run_name="ti_straight", **settings).result[0]
+    cc = dojo.comfy_compat
+    calls = {"n": 0}
+    monkeypatch.setattr(cc, "interrupt_requested", lambda: calls.__setitem__("n", calls["n"] + 1) or calls["n"] > 2)
+    with pytest.raises(BaseException) as stopped:  # ComfyUI's interrupt is not an Exception
+        train(model, clip, vae, data, run_name="ti_cut", **settings)
+    assert cc.is_interrupt(stopped.value)
+    monkeypatch.undo()
+    root = dojo.embedding_nodes.checkpoint_root()
+    assert (root / "ti_cut_00001" / "step_000002" / "state.json").is_file()
+    resumed = train(model, clip, vae, data, run_name="x", resume_from="ti_cut_00001", **settings).result[0]
+    assert resumed.name == "node_emb" and torch.equal(resumed.vectors["clip_l"], straight.vectors["clip_l"])
+    assert resumed.metadata["dojo_caption_mode"] == "style" and resumed.metadata["dojo_steps"] == "4"
