@@ -4,6 +4,7 @@ from __future__ import annotations
 from .comfy_compat import ComfyExtension, io
 from .caption_nodes import DojoCaptionImages, DojoDatasetImages, DojoSetCaptions, DojoWriteCaptions
 from .dataset_nodes import DojoEncodeDataset, DojoLoadImageDataset
+from .embedding_nodes import DojoApplyEmbedding, DojoLoadEmbedding, DojoSaveEmbedding, DojoTrainTextualInversion
 from .lora_nodes import DojoApplyLoRA, DojoLoadLoRA, DojoSaveLoRA
 from .model_info import DojoModelInfo
 from .share_nodes import DojoAdapterInfo, DojoExportModelCard, DojoPublishToHub
@@ -20,6 +21,10 @@ NODES: list[type[io.ComfyNode]] = [
     DojoApplyLoRA,
     DojoSaveLoRA,
     DojoLoadLoRA,
+    DojoTrainTextualInversion,
+    DojoApplyEmbedding,
+    DojoSaveEmbedding,
+    DojoLoadEmbedding,
     DojoModelInfo,
     DojoAdapterInfo,
     DojoExportModelCard,

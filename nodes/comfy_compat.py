@@ -5,9 +5,11 @@ this module, never from ComfyUI directly.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
+import re
 from contextlib import contextmanager
 
 import torch
@@ -17,6 +19,7 @@ import comfy.model_management
 import comfy.model_sampling
 import comfy.patcher_extension
 import comfy.sd
+import comfy.sd1_clip
 import comfy.supported_models
 import comfy.utils
 import folder_paths  # noqa: F401  (re-exported for the file-handling nodes)
@@ -434,3 +437,137 @@ def preview_ui(images: torch.Tensor, text: str) -> dict:
     out = ui.PreviewImage(images, cls=None).as_dict()  # a preview carries no workflow metadata
     out["text"] = [text]
     return out
+
+
+# --- textual inversion: embeddings spliced into ComfyUI's token lists -------------------------------
+#
+# ComfyUI's SDTokenizer.tokenize_with_weights resolves a word `embedding:<name>` through the tokenizer's
+# `_try_get_embedding(name)`, which reads a file from `embedding_directory` and puts the file's rows, as
+# tensors, into the token list in place of token ids; SDClipModel.process_tokens then concatenates those
+# rows with the token embeddings (torch.cat, differentiable). Both 0.8 and 0.33 work this way. Dojo
+# hooks in at the narrowest point: a CLIP clone gets a shallow copy of the tokenizer (and of its
+# per-encoder SDTokenizers) whose `_try_get_embedding` answers Dojo's names from memory first and
+# falls back to ComfyUI's own lookup. The shared tokenizer (clones share it) is never changed; the
+# rest of the path, prompt weights and clip skip included, stays ComfyUI's.
+
+_EMBEDDING_NAME_END = re.compile(r"[<\[]")
+_TRY_GET_ARITY: dict[type, int] = {}
+
+
+def clip_sub_tokenizers(tokenizer) -> dict[str, "comfy.sd1_clip.SDTokenizer"]:
+    """Attribute name -> SDTokenizer for each text encoder of a CLIP's tokenizer (clip_l, clip_g...)."""
+    return {name: t for name, t in vars(tokenizer).items() if isinstance(t, comfy.sd1_clip.SDTokenizer)}
+
+
+def clip_encoder_keys(clip) -> list[str]:
+    """The embedding keys of the CLIP's encoders as embedding files name them ("clip_l", "clip_g")."""
+    return sorted(t.embedding_key for t in clip_sub_tokenizers(clip.tokenizer).values())
+
+
+def _try_get_arity(tokenizer) -> int:
+    """0.8's _try_get_embedding returns (embed, leftover), 0.33's (embed, name, leftover). Ask ComfyUI
+    once per tokenizer class with a name no file can have (a NUL byte: every lookup is a miss)."""
+    cls = type(tokenizer)
+    if cls not in _TRY_GET_ARITY:
+        _TRY_GET_ARITY[cls] = len(cls._try_get_embedding(tokenizer, "\x00dojo-probe"))
+    return _TRY_GET_ARITY[cls]
+
+
+def _match_embedding(word: str, table: dict):
+    """Dojo's in-memory lookup, parsing `word` (what follows `embedding:`) as ComfyUI does: the first
+    whitespace-separated word, cut at '<' or '[', trailing commas tolerated. Returns
+    (vectors, name, leftover) or None."""
+    parts = word.split()
+    if not parts:
+        return None
+    name, leftover = parts[0], " ".join(parts[1:])
+    cut = _EMBEDDING_NAME_END.search(name)
+    if cut is not None:
+        leftover = name[cut.start():] + (" " + leftover if leftover else "")
+        name = name[:cut.start()]
+    if name in table:
+        return table[name], name, leftover
+    stripped = name.rstrip(",")
+    if stripped != name and stripped in table:
+        return table[stripped], name, "{} {}".format(name[len(stripped):], leftover)
+    return None
+
+
+def _resolving_copy(tokenizer, table: dict):
+    """A shallow copy of an SDTokenizer that resolves the names in `table` (name -> {key: [n, D]})
+    from memory, then as ComfyUI does."""
+    new = copy.copy(tokenizer)
+    new._dojo_embeddings = {**getattr(tokenizer, "_dojo_embeddings", {}), **table}
+    if new.embedding_directory is None:  # ComfyUI parses `embedding:` only when a directory is set
+        new.embedding_directory = []
+    arity = _try_get_arity(tokenizer)
+    comfy_lookup = type(tokenizer)._try_get_embedding
+
+    def _try_get_embedding(embedding_name: str):
+        hit = _match_embedding(embedding_name, new._dojo_embeddings)
+        if hit is None or new.embedding_key not in hit[0]:
+            return comfy_lookup(new, embedding_name)
+        vectors, name, leftover = hit
+        embed = vectors[new.embedding_key]
+        return (embed, name, leftover) if arity == 3 else (embed, leftover)
+
+    new._try_get_embedding = _try_get_embedding
+    return new
+
+
+def clip_with_embeddings(clip, table: dict, for_training: bool = False):
+    """A CLIP clone whose prompts resolve `embedding:<name>` for each name in `table` to the given
+    vectors ({name: {"clip_l": [n, 768], "clip_g": [n, 1280]}}), without files and without touching
+    the shared tokenizer. With `for_training`, a clone ComfyUI keeps resident (not dynamic)."""
+    is_dynamic = getattr(clip.patcher, "is_dynamic", None)
+    new = clip.clone(disable_dynamic=True) if for_training and is_dynamic is not None and is_dynamic() \
+        else clip.clone()
+    tokenizer = copy.copy(clip.tokenizer)
+    for attr, sub in clip_sub_tokenizers(clip.tokenizer).items():
+        setattr(tokenizer, attr, _resolving_copy(sub, table))
+    new.tokenizer = tokenizer
+    return new
+
+
+def clip_token_rows(clip, key: str, word: str) -> torch.Tensor:
+    """The token-embedding rows [k, D] (fp32 copy) of `word` in encoder `key` (init of new vectors)."""
+    tokenizers = {t.embedding_key: t for t in clip_sub_tokenizers(clip.tokenizer).values()}
+    tok = tokenizers[key]
+    ids = tok.tokenizer(word)["input_ids"][tok.tokens_start:]
+    if tok.tokenizer_adds_end_token:
+        ids = ids[:-1]
+    weight = getattr(clip.cond_stage_model, key).transformer.get_input_embeddings().weight
+    with torch.inference_mode(False):
+        return weight.detach()[torch.tensor(ids, dtype=torch.long, device=weight.device)].to("cpu", torch.float32).clone()
+
+
+def prepare_clip_for_training(clip) -> None:
+    """Load the CLIP and make its weights ordinary tensors (bit-identical copies; see
+    materialize_inference_tensors) so that gradients can flow through it to spliced vectors."""
+    comfy.model_management.load_models_gpu([clip.patcher])
+    materialize_inference_tensors(clip.cond_stage_model)
+
+
+def clip_encode_text(clip, text: str) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+    """ComfyUI's own encode path (tokenize, encode_from_tokens: clip skip, weights, patches), keeping
+    the autograd graph: (cond [1, L, D], pooled or None, other outputs)."""
+    out = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True, return_dict=True)
+    cond, pooled = out.pop("cond"), out.pop("pooled_output", None)
+    return cond, pooled, out
+
+
+def clip_token_chunks(clip, text: str) -> int:
+    """How many 77-token sections ComfyUI encodes `text` in (captions of different lengths differ)."""
+    return max(len(v) for v in clip.tokenize(text).values())
+
+
+def embedding_directories() -> list[str]:
+    return folder_paths.get_folder_paths("embeddings")
+
+
+def embedding_file_names() -> list[str]:
+    return [n for n in folder_paths.get_filename_list("embeddings") if n.endswith(".safetensors")]
+
+
+def embedding_file_path(name: str) -> str | None:
+    return folder_paths.get_full_path("embeddings", name)

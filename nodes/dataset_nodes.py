@@ -260,35 +260,19 @@ def _ordinary(x):
     return x.detach().to("cpu").clone() if torch.is_tensor(x) else x
 
 
-def encode_dataset(dataset: Dataset, vae, clip, cache: EncodeCache | None = None,
-                   progress=None) -> EncodedDataset:
-    """Encode every item's pixels with `vae` and every distinct caption with `clip` (see the module
-    docstring for captions and repeats). With `cache`, entries whose key matches are read instead of
-    encoded; counts land in `EncodedDataset.info`."""
-    captions = epoch0_captions(dataset)
-    unique = list(dict.fromkeys(c for per_item in captions for c in per_item))
+def encode_latents(dataset: Dataset, vae, cache: EncodeCache | None = None, progress=None,
+                   stats: dict | None = None) -> list[torch.Tensor]:
+    """Every item's latent (as the VAE returns it, without batch dimension), from `cache` where its key
+    matches; counts go to `stats` ("latents_encoded", "latents_cached"). Shared by Dojo Encode Dataset
+    and the textual-inversion trainer (which encodes latents only: its captions go through the CLIP
+    at every step)."""
+    stats = stats if stats is not None else {}
+    stats.setdefault("latents_encoded", 0)
+    stats.setdefault("latents_cached", 0)
     time_factor = cc.vae_time_factor(vae)
-    vae_id = clip_id = None
+    vae_id = None
     if cache is not None:
         vae_id = module_identity(cc.vae_weights(vae), {"class": type(vae.first_stage_model).__name__})
-        clip_id = module_identity(cc.clip_weights(clip), cc.clip_settings(clip))
-    stats = {"latents_encoded": 0, "latents_cached": 0, "captions_encoded": 0, "captions_cached": 0}
-
-    conds: dict[str, Conditioning] = {}
-    for caption in unique:
-        key = caption_key(caption, clip_id) if cache is not None else None
-        cond = cache.get_cond(key) if cache is not None else None
-        if cond is None:
-            cond = to_conditioning(*cc.clip_encode(clip, caption))
-            stats["captions_encoded"] += 1
-            if cache is not None:
-                cache.put_cond(key, cond, caption)
-        else:
-            stats["captions_cached"] += 1
-        conds[caption] = cond
-        if progress is not None:
-            progress.update(1)
-
     digests: dict[Path, str] = {}
     latents = []
     for item in dataset.items:
@@ -323,6 +307,37 @@ def encode_dataset(dataset: Dataset, vae, clip, cache: EncodeCache | None = None
             progress.update(1)
     if cache is not None:
         cache.flush()
+    return latents
+
+
+def encode_dataset(dataset: Dataset, vae, clip, cache: EncodeCache | None = None,
+                   progress=None) -> EncodedDataset:
+    """Encode every item's pixels with `vae` and every distinct caption with `clip` (see the module
+    docstring for captions and repeats). With `cache`, entries whose key matches are read instead of
+    encoded; counts land in `EncodedDataset.info`."""
+    captions = epoch0_captions(dataset)
+    unique = list(dict.fromkeys(c for per_item in captions for c in per_item))
+    clip_id = None
+    if cache is not None:
+        clip_id = module_identity(cc.clip_weights(clip), cc.clip_settings(clip))
+    stats = {"latents_encoded": 0, "latents_cached": 0, "captions_encoded": 0, "captions_cached": 0}
+
+    conds: dict[str, Conditioning] = {}
+    for caption in unique:
+        key = caption_key(caption, clip_id) if cache is not None else None
+        cond = cache.get_cond(key) if cache is not None else None
+        if cond is None:
+            cond = to_conditioning(*cc.clip_encode(clip, caption))
+            stats["captions_encoded"] += 1
+            if cache is not None:
+                cache.put_cond(key, cond, caption)
+        else:
+            stats["captions_cached"] += 1
+        conds[caption] = cond
+        if progress is not None:
+            progress.update(1)
+
+    latents = encode_latents(dataset, vae, cache, progress, stats)
 
     samples, flat_captions = [], []
     with torch.inference_mode(False):

@@ -3,3 +3,5 @@ from .comfy_compat import io
 
 DatasetType = io.Custom("DOJO_DATASET")
 EncodedDatasetType = io.Custom("DOJO_ENCODED_DATASET")
+# A textual-inversion embedding in memory (nodes.ti_training.DojoEmbedding): name, vectors, metadata.
+EmbeddingType = io.Custom("DOJO_EMBEDDING")

@@ -20,7 +20,7 @@ FORMAT_VERSION = 1
 # interval, may change).
 RUN_IDENTITY_KEYS = ("family", "adapter", "rank", "alpha", "targets", "seed", "batch_size", "grad_accumulation",
                      "learning_rate", "optimizer", "lr_schedule", "warmup_steps", "timestep_sampling",
-                     "dataset_fingerprint")
+                     "dataset_fingerprint", "embedding_name", "init_word", "caption_mode")
 
 
 class CheckpointError(ValueError):
