@@ -14,6 +14,7 @@ from ..training.files import next_free_path, save_safetensors_new
 from ..training.loop import LRSchedule, Precision, TrainConfig
 from ..training.loss_plot import render_loss_plot
 from ..training.recipes import default_timestep_sampling
+from ..training.sharing import sharing_metadata
 from ..training.textual_inversion import CaptionMode, embedding_file_tensors, vectors_from_file
 from ..training.timesteps import TimestepSampling
 from . import comfy_compat as cc
@@ -78,7 +79,7 @@ class DojoTrainTextualInversion(io.ComfyNode):
                                tooltip="Where training samples the noise level; auto = uniform for SD models."),
                 io.Combo.Input("precision", options=[p.value for p in Precision], default=Precision.BF16.value,
                                tooltip="bf16 autocast with fp32 vectors (fast), or full fp32."),
-                io.Int.Input("seed", default=0, min=0, max=2**63 - 1,
+                io.Int.Input("seed", default=0, min=0, max=2**63 - 1, control_after_generate=cc.SEED_CONTROL,
                              tooltip="Same inputs and seed give the same embedding, bit for bit."),
                 io.Int.Input("checkpoint_every", default=0, min=0, max=1_000_000,
                              tooltip="Write a resumable checkpoint every N steps (0 = only at the end or on cancel)."),
@@ -189,6 +190,7 @@ class DojoSaveEmbedding(io.ComfyNode):
             description="Saves an embedding into models/embeddings as .safetensors (SD1.5: emb_params; SDXL: "
                         "clip_l + clip_g, as A1111 and ComfyUI read them) with metadata; never overwrites (a "
                         "counter is added), writes atomically. Prompts then use embedding:<file name>.",
+            hidden=cc.GRAPH_HIDDEN_INPUTS,  # the graph is embedded in the metadata, as ComfyUI does in PNGs
             inputs=[
                 EmbeddingType.Input("embedding", tooltip="The embedding to save."),
                 io.String.Input("filename_prefix", default="my_embedding",
@@ -214,6 +216,7 @@ class DojoSaveEmbedding(io.ComfyNode):
                     "dojo_num_vectors": str(embedding.num_vectors)}
         if base_model_name:
             metadata["dojo_base_model"] = base_model_name
+        metadata = sharing_metadata("embedding", metadata, *cc.hidden_graph(cls))
         tensors = embedding_file_tensors(embedding.vectors)
         save_safetensors_new(path, {k: v.to(SAVE_DTYPES[save_dtype]) for k, v in tensors.items()}, metadata)
         prompt_name = "embedding:" + path.relative_to(root).with_suffix("").as_posix()

@@ -5,7 +5,6 @@ ComfyUI's Python and the test harness:
     COMFYUI_PATH=~/ComfyUI OMP_NUM_THREADS=1 .venv/bin/python workflows/make_workflows.py
 
 tests/integration/test_workflows.py checks the files against ComfyUI 0.33 and 0.8 and runs them.
-TODO(issue 7, workflow 2): SD1.5/SDXL textual inversion, once Dojo's textual-inversion nodes land.
 """
 from __future__ import annotations
 
@@ -42,6 +41,8 @@ MODELS = {
                                "text_encoders"),
     "ae.safetensors": (HF + "Comfy-Org/Lumina_Image_2.0_Repackaged/resolve/main/split_files/vae/ae.safetensors",
                        "vae"),
+    "v1-5-pruned-emaonly.safetensors": (HF + "Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/"
+                                        "v1-5-pruned-emaonly.safetensors", "checkpoints"),
     "sd_xl_base_1.0.safetensors": (HF + "stabilityai/stable-diffusion-xl-base-1.0/resolve/main/"
                                    "sd_xl_base_1.0.safetensors", "checkpoints"),
     "hunyuan_video_t2v_720p_bf16.safetensors": (HF + "Comfy-Org/HunyuanVideo_repackaged/resolve/main/split_files/"
@@ -329,6 +330,71 @@ def sdxl_lora(comfy) -> Workflow:
     return w
 
 
+# ----------------------------------------------------------------------- SD1.5 textual inversion
+
+def sd15_textual_inversion(comfy) -> Workflow:
+    w = Workflow(comfy, "dojo_sd15_textual_inversion")
+    w.group("Step 1 - Load SD1.5")
+    w.note("SD1.5 textual inversion: teach the text encoder a new word (a few vectors, a file of a few "
+           "KB) from a handful of images, then use it in prompts with weights, beside other embeddings.\n\n"
+           "Model: models/checkpoints/v1-5-pruned-emaonly.safetensors. The same nodes train SDXL "
+           "embeddings (clip_l + clip_g) from an SDXL checkpoint.", title="Read me")
+    ckpt = w.add("CheckpointLoaderSimple", ckpt_name="v1-5-pruned-emaonly.safetensors")
+    w.group("Step 2 - Dataset")
+    w.note("Put 5-20 images of your object in ComfyUI/input/my_cat. With captions = object, each image "
+           "is paired with templates like 'a photo of {token}'; 'style' uses 'in the style of {token}'; "
+           "'captions' uses your .txt files, where [trigger] or the trigger word marks the new word.",
+           title="Dataset")
+    data = w.add("DojoLoadImageDataset", node_width=340, folder="my_cat", resolution=512, min_side=256,
+                 max_side=768)
+    w.group("Step 3 - Train the embedding")
+    w.note("Trains only the new vectors (fp32), with the model's own objective; the VAE encodes each image "
+           "once, the text encoder runs every step. Recipe: 4 vectors initialised from 'cat', learning rate "
+           "5e-4, 1500 steps. Cancel keeps a checkpoint in output/dojo_checkpoints/<run_name>; resume_from "
+           "continues it. The MODEL and CLIP are never changed.", title="Train")
+    trainer = w.add("DojoTrainTextualInversion", node_width=340, embedding_name="my_cat", captions="object",
+                    num_vectors=4, init_word="cat", steps=1500, learning_rate=5e-4, precision="bf16", seed=42,
+                    checkpoint_every=500, run_name="my_cat_embedding")
+    w.link(ckpt, "MODEL", trainer, "model")
+    w.link(ckpt, "CLIP", trainer, "clip")
+    w.link(ckpt, "VAE", trainer, "vae")
+    w.link(data, "dataset", trainer, "dataset")
+    w.group("Step 4 - Use it in a prompt")
+    w.note("Dojo Apply Embedding gives a CLIP that knows the new embedding without saving a file. Prompts "
+           "use ComfyUI's own syntax: embedding:my_cat, with a weight (embedding:my_cat:1.2), and other "
+           "embeddings from models/embeddings in the same prompt (embedding:my_style here: any embedding "
+           "you have, e.g. one saved earlier by Dojo Save Embedding).", title="Apply and sample")
+    apply = w.add("DojoApplyEmbedding", name="my_cat")
+    w.link(ckpt, "CLIP", apply, "clip")
+    w.link(trainer, "embedding", apply, "embedding")
+    pos = w.add("CLIPTextEncode", node_width=380,
+                text="a photo of (embedding:my_cat:1.2) on a windowsill, embedding:my_style")
+    w.link(apply, "clip", pos, "clip")
+    neg = w.add("CLIPTextEncode", node_width=380, title="Negative", text="blurry, low quality")
+    w.link(apply, "clip", neg, "clip")
+    w.column()
+    latent = w.add("EmptyLatentImage", width=512, height=512, batch_size=1)
+    sampler = w.add("KSampler", seed=42, steps=25, cfg=7.0, sampler_name="dpmpp_2m", scheduler="karras",
+                    denoise=1.0)
+    w.link(ckpt, "MODEL", sampler, "model")
+    w.link(pos, "CONDITIONING", sampler, "positive")
+    w.link(neg, "CONDITIONING", sampler, "negative")
+    w.link(latent, "LATENT", sampler, "latent_image")
+    decode = w.add("VAEDecode")
+    w.link(sampler, "LATENT", decode, "samples")
+    w.link(ckpt, "VAE", decode, "vae")
+    image = w.add("SaveImage", node_width=400, filename_prefix="dojo/my_cat_embedding")
+    w.link(decode, "IMAGE", image, "images")
+    w.group("Step 5 - Save the embedding")
+    w.note("Dojo Save Embedding writes models/embeddings/my_cat_00001.safetensors (emb_params, as A1111 "
+           "and ComfyUI read it; never overwrites). Any prompt can then use embedding:my_cat_00001 without "
+           "this graph.", title="Save")
+    saver = w.add("DojoSaveEmbedding", node_width=340, filename_prefix="my_cat", save_dtype="fp32",
+                  base_model_name="v1-5-pruned-emaonly.safetensors")
+    w.link(trainer, "embedding", saver, "embedding")
+    return w
+
+
 # --------------------------------------------------------------------------------- HunyuanVideo
 
 def hunyuan_lora(comfy, clips: bool) -> Workflow:
@@ -419,6 +485,7 @@ def hunyuan_lora(comfy, clips: bool) -> Workflow:
 WORKFLOWS = {
     "dojo_flux_lora_trigger_word": flux_lora,
     "dojo_sdxl_lora_captions": sdxl_lora,
+    "dojo_sd15_textual_inversion": sd15_textual_inversion,
     "dojo_hunyuan_video_lora_images": lambda c: hunyuan_lora(c, clips=False),
     "dojo_hunyuan_video_lora_clips": lambda c: hunyuan_lora(c, clips=True),
 }
@@ -466,6 +533,7 @@ def thumbnail(workflow: dict, path: Path, size=(640, 360)):
 def workflow_title(name: str) -> str:
     return {"dojo_flux_lora_trigger_word": "Dojo: Flux.1 LoRA from images + trigger word",
             "dojo_sdxl_lora_captions": "Dojo: SDXL LoRA from captioned images",
+            "dojo_sd15_textual_inversion": "Dojo: SD1.5 textual inversion, used with weights",
             "dojo_hunyuan_video_lora_images": "Dojo: HunyuanVideo LoRA from captioned images",
             "dojo_hunyuan_video_lora_clips": "Dojo: HunyuanVideo LoRA from video clips"}[name]
 

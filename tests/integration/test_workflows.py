@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import safetensors
+import safetensors.torch
+import torch
 
 from comfy_harness import PACK_DIR_NAME, REPO_ROOT, comfyui_path, make_base_directory
 from test_dataset_nodes import fresh_folder, image, video
@@ -22,9 +24,8 @@ pytestmark = pytest.mark.integration
 
 WORKFLOW_DIR = REPO_ROOT / "workflows"
 WORKFLOWS = sorted(p.stem for p in WORKFLOW_DIR.glob("*.json"))
-EXPECTED = {"dojo_flux_lora_trigger_word", "dojo_sdxl_lora_captions", "dojo_hunyuan_video_lora_images",
-            "dojo_hunyuan_video_lora_clips"}
-# TODO(issue 7, workflow 2): SD1.5/SDXL textual inversion joins EXPECTED once its nodes land.
+EXPECTED = {"dojo_flux_lora_trigger_word", "dojo_sdxl_lora_captions", "dojo_sd15_textual_inversion",
+            "dojo_hunyuan_video_lora_images", "dojo_hunyuan_video_lora_clips"}
 
 
 def load(name) -> dict:
@@ -35,7 +36,7 @@ def load(name) -> dict:
 
 @pytest.fixture(scope="module")
 def stand_ins(comfy, tiny_clip_l, tiny_flux_vae, tiny_video_vae, tiny_hunyuan_video_unet,
-              smallest_sdxl_checkpoint):
+              smallest_sdxl_checkpoint, tiny_sd15_checkpoint):
     """The workflows' real model file names, linked to tiny files of the same family, and their dataset
     folders in input/. Returns whether the Flux stand-in is a real (loader-detectable) Flux."""
     import tiny_files
@@ -53,6 +54,7 @@ def stand_ins(comfy, tiny_clip_l, tiny_flux_vae, tiny_video_vae, tiny_hunyuan_vi
         ("vae", "ae.safetensors", tiny_flux_vae),
         ("vae", "hunyuan_video_vae_bf16.safetensors", tiny_video_vae),
         ("checkpoints", "sd_xl_base_1.0.safetensors", smallest_sdxl_checkpoint),
+        ("checkpoints", "v1-5-pruned-emaonly.safetensors", tiny_sd15_checkpoint),
     ]:
         source = next(p for p in models.rglob(tiny) if p.is_file())
         tiny_files.link_into(base, folder, real, source.resolve())
@@ -69,6 +71,13 @@ def stand_ins(comfy, tiny_clip_l, tiny_flux_vae, tiny_video_vae, tiny_hunyuan_vi
     clips = fresh_folder(comfy, "hunyuan_clips")
     video(clips / "walk.mp4", 10, (64, 64), "a grey square fading in")
     video(clips / "turn.mp4", 9, (64, 64), "[trigger] brightening")
+    cats = fresh_folder(comfy, "my_cat")
+    for i, colour in enumerate([(90, 60, 30), (120, 80, 40)]):
+        image(cats / f"cat{i}.png", (64, 64), colour)
+    # The "second embedding" the textual-inversion workflow's prompt names (an A1111-format SD1.5 file).
+    (models / "embeddings").mkdir(parents=True, exist_ok=True)
+    safetensors.torch.save_file({"emb_params": torch.randn(2, 768, generator=torch.Generator().manual_seed(0))},
+                                str(models / "embeddings" / "my_style.safetensors"))
     return {"flux_detectable": flux_ok}
 
 
@@ -209,6 +218,7 @@ def test_workflow_layout_notes_and_groups(name):
 TEST_SETTINGS = {
     "DojoLoadImageDataset": dict(resolution=64, min_side=64, max_side=64),
     "DojoTrainLoRA": dict(steps=2, rank=4, precision="fp32", checkpoint_every=0),
+    "DojoTrainTextualInversion": dict(steps=2, precision="fp32", checkpoint_every=0),
     "KSampler": dict(steps=2),
     "EmptySD3LatentImage": dict(width=64, height=64),
     "EmptyLatentImage": dict(width=64, height=64),
@@ -273,6 +283,19 @@ def test_flux_workflow_runs(comfy, stand_ins):
 def test_sdxl_workflow_runs(comfy, stand_ins):
     _, out = run_workflow(comfy, "dojo_sdxl_lora_captions")
     check_saved_lora(comfy, out, "", "sd_xl_base_1.0.safetensors")
+    output_files(comfy, out["SaveImage"][0]["images"])
+
+
+def test_sd15_textual_inversion_workflow_runs(comfy, stand_ins):
+    wf, out = run_workflow(comfy, "dojo_sd15_textual_inversion")
+    prompt_text = next(n for n in wf["nodes"] if n["type"] == "CLIPTextEncode")["widgets_values"][0]
+    assert "(embedding:my_cat:1.2)" in prompt_text and "embedding:my_style" in prompt_text
+    saved = out["DojoSaveEmbedding"][0]["text"][0]
+    assert saved.startswith("embedding:my_cat_")
+    path = comfy.base / "models" / "embeddings" / (saved.split(":", 1)[1] + ".safetensors")
+    with safetensors.safe_open(str(path), "pt") as f:
+        assert list(f.keys()) == ["emb_params"] and tuple(f.get_tensor("emb_params").shape) == (4, 768)
+        assert f.metadata()["dojo_base_model"] == "v1-5-pruned-emaonly.safetensors"
     output_files(comfy, out["SaveImage"][0]["images"])
 
 
