@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..training.datasets.graph_captions import (CaptionEdits, captions_by_name, captions_by_order, edit_captions,

@@ -23,7 +23,7 @@ import comfy.sd1_clip
 import comfy.supported_models
 import comfy.utils
 import folder_paths  # noqa: F401  (re-exported for the file-handling nodes)
-from comfy_api.latest import ComfyExtension, io, ui  # noqa: F401
+from comfy_api.latest import ComfyExtension, io, ui  # noqa: F401  (re-exported)
 
 from ..training.protocol import Family, NoiseSchedule, Prediction
 
@@ -565,9 +565,6 @@ def embedding_directories() -> list[str]:
     return folder_paths.get_folder_paths("embeddings")
 
 
-def embedding_file_names() -> list[str]:
-    return [n for n in folder_paths.get_filename_list("embeddings") if n.endswith(".safetensors")]
-
-
-def embedding_file_path(name: str) -> str | None:
-    return folder_paths.get_full_path("embeddings", name)
+def embedding_safetensors_names() -> list[str]:
+    """The embeddings Dojo loads (safetensors only; the Info node lists every file)."""
+    return [n for n in embedding_file_names() if n.endswith(".safetensors")]

@@ -7,6 +7,8 @@ installed on the shared model) hands back the network's raw output, which is the
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -72,3 +74,14 @@ class ComfyDenoisingModel:
 
     def adaptable_modules(self, preset: TargetPreset) -> dict[str, nn.Module]:
         return select_linears(self.diffusion_model, _TARGETS[self.family][TargetPreset(preset)])
+
+
+@contextmanager
+def trainable_view(model_patcher):
+    """A view of a training clone of `model_patcher` that autograd can run through: inside
+    `inference_mode(False)` + `enable_grad`, loaded by ComfyUI, inference tensors made ordinary."""
+    with torch.inference_mode(False), torch.enable_grad():
+        patcher = cc.training_clone(model_patcher)
+        cc.load_for_compute(patcher)
+        cc.materialize_inference_tensors(patcher.model)
+        yield ComfyDenoisingModel(patcher)

@@ -247,7 +247,7 @@ class DojoLoadEmbedding(io.ComfyNode):
             category="Dojo/embedding",
             description="Loads a textual-inversion embedding (.safetensors) from models/embeddings, e.g. to "
                         "apply it under another name with Dojo Apply Embedding.",
-            inputs=[io.Combo.Input("embedding_name", options=cc.embedding_file_names(),
+            inputs=[io.Combo.Input("embedding_name", options=cc.embedding_safetensors_names(),
                                    tooltip="A .safetensors file in models/embeddings.")],
             outputs=[EmbeddingType.Output(display_name="embedding"),
                      io.String.Output(display_name="metadata", tooltip="The file's metadata as JSON.")],

@@ -22,7 +22,7 @@ from ..training.loop import Callbacks, TrainConfig, TrainState, train
 from ..training.lora_formats import factors_from_state_dict, lora_state_dict
 from ..training.protocol import Family, TargetPreset
 from . import comfy_compat as cc
-from .comfy_model import ComfyDenoisingModel
+from .comfy_model import trainable_view
 from .grad_protection import training_region
 from .progress import TrainingProgress
 
@@ -86,17 +86,9 @@ def train_lora(model_patcher, dataset: EncodedDataset, job: LoraJob) -> LoraResu
                     len(dataset), len(dataset))
         batch_size = len(dataset)
     progress = TrainingProgress(job.train.steps)
-    losses_so_far: list[float] = []
 
-    def on_step(step, loss, lr):
-        losses_so_far.append(loss)
-        progress.step(step, loss, losses_so_far)
-
-    with torch.inference_mode(False), torch.enable_grad():
-        patcher = cc.training_clone(model_patcher)
-        cc.load_for_compute(patcher)
-        cc.materialize_inference_tensors(patcher.model)
-        view = ComfyDenoisingModel(patcher)
+    with trainable_view(model_patcher) as view:
+        patcher = view.patcher
         device = cc.compute_device(patcher)
         samples = [Sample(cc.process_latent_in(patcher, s.latent[None].float())[0], s.cond) for s in dataset.samples]
         run = run_identity(job, view.family, dataset)
@@ -124,9 +116,9 @@ def train_lora(model_patcher, dataset: EncodedDataset, job: LoraJob) -> LoraResu
                 adapter.load_state_dict(ckpt.adapter)
                 state = TrainState(ckpt.step, list(ckpt.losses))
                 optimizer_state = {"optimizer": ckpt.optimizer, "scheduler": ckpt.scheduler}
-                losses_so_far.extend(ckpt.losses)
-                progress.start_at(state.step)
-            callbacks = Callbacks(on_step=on_step, should_stop=progress.should_stop, on_checkpoint=write_checkpoint)
+                progress.start_at(state.step, ckpt.losses)
+            callbacks = Callbacks(on_step=progress.on_step, should_stop=progress.should_stop,
+                                  on_checkpoint=write_checkpoint)
             try:
                 with training_region(patcher, job.gradient_checkpointing, job.blocks_to_swap, device):
                     state, optimizer, scheduler = train(
@@ -134,11 +126,11 @@ def train_lora(model_patcher, dataset: EncodedDataset, job: LoraJob) -> LoraResu
                         state=state, optimizer_state=optimizer_state, callbacks=callbacks,
                         checkpoint_every=job.checkpoint_every)
             except (torch.OutOfMemoryError, MemoryError) as e:
-                raise TrainingOutOfMemory(len(losses_so_far) + 1, checkpoints[-1] if checkpoints else None) from e
+                raise TrainingOutOfMemory(len(progress.losses) + 1, checkpoints[-1] if checkpoints else None) from e
             except RuntimeError as e:
                 if "out of memory" not in str(e) and "can't allocate memory" not in str(e):
                     raise
-                raise TrainingOutOfMemory(len(losses_so_far) + 1, checkpoints[-1] if checkpoints else None) from e
+                raise TrainingOutOfMemory(len(progress.losses) + 1, checkpoints[-1] if checkpoints else None) from e
             cancelled = state.step < job.train.steps
             # The final state is always checkpointed too: a cancelled run resumes from it, and a finished
             # one can be continued with more steps.

@@ -18,11 +18,19 @@ class TrainingProgress:
         self.label = label
         self.bar = cc.progress_bar(total)
         self.stop_requested = False
+        self.losses: list[float] = []
         self.text_every_s, self.plot_every_s = text_every_s, plot_every_s
         self._last_text = self._last_plot = 0.0
 
-    def start_at(self, step: int) -> None:
+    def start_at(self, step: int, losses: list[float]) -> None:
+        """Continue a resumed run: its earlier losses and the bar at its step."""
+        self.losses = list(losses)
         self._update(step, None)
+
+    def on_step(self, step: int, loss: float, lr: float) -> None:
+        """The training loop's per-step callback."""
+        self.losses.append(loss)
+        self.step(step, loss, self.losses)
 
     def step(self, step: int, loss: float, losses: list[float]) -> None:
         now = time.monotonic()

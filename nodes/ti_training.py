@@ -24,7 +24,7 @@ from ..training.protocol import Conditioning, Family
 from ..training.textual_inversion import (FAMILY_ENCODERS, CaptionMode, EmbeddingVectors, TextualInversionModel,
                                           caption_sample, initial_vectors, training_captions)
 from . import comfy_compat as cc
-from .comfy_model import ComfyDenoisingModel
+from .comfy_model import trainable_view
 from .grad_protection import training_region
 from .progress import TrainingProgress
 
@@ -113,17 +113,9 @@ def train_embedding(model_patcher, clip, latents: list[torch.Tensor], captions: 
     per_item = training_captions(job.caption_mode, captions, f"embedding:{name}", job.trigger_word)
     unique = list(dict.fromkeys(c for cs in per_item for c in cs))
     progress = TrainingProgress(job.train.steps)
-    losses_so_far: list[float] = []
 
-    def on_step(step, loss, lr):
-        losses_so_far.append(loss)
-        progress.step(step, loss, losses_so_far)
-
-    with torch.inference_mode(False), torch.enable_grad():
-        patcher = cc.training_clone(model_patcher)
-        cc.load_for_compute(patcher)
-        cc.materialize_inference_tensors(patcher.model)
-        view = ComfyDenoisingModel(patcher)
+    with trainable_view(model_patcher) as view:
+        patcher = view.patcher
         device = cc.compute_device(patcher)
         rows = {k: cc.clip_token_rows(clip, k, job.init_word) for k in keys}
         vectors = EmbeddingVectors({k: initial_vectors(r, job.num_vectors) for k, r in rows.items()})
@@ -168,9 +160,9 @@ def train_embedding(model_patcher, clip, latents: list[torch.Tensor], captions: 
             vectors.load_state_dict(ckpt.adapter)
             state = TrainState(ckpt.step, list(ckpt.losses))
             optimizer_state = {"optimizer": ckpt.optimizer, "scheduler": ckpt.scheduler}
-            losses_so_far.extend(ckpt.losses)
-            progress.start_at(state.step)
-        callbacks = Callbacks(on_step=on_step, should_stop=progress.should_stop, on_checkpoint=write_checkpoint)
+            progress.start_at(state.step, ckpt.losses)
+        callbacks = Callbacks(on_step=progress.on_step, should_stop=progress.should_stop,
+                                  on_checkpoint=write_checkpoint)
         with training_region(patcher, False):
             state, optimizer, scheduler = train(
                 model, vectors, BatchSchedule(samples, job.batch_size, job.train.seed), job.train, device=device,

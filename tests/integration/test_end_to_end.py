@@ -11,7 +11,7 @@ pytestmark = pytest.mark.integration
 def test_sd15_graph_trains_applies_samples_and_saves(comfy, tiny_sd15_checkpoint):
     folder = fresh_folder(comfy, "e2e_sd")
     for i, colour in enumerate([(200, 0, 0), (0, 200, 0), (0, 0, 200), (200, 200, 0)]):
-        image(folder / f"img{i}.png", (64, 64), colour, None if i % 2 else f"a plain square, [trigger]")
+        image(folder / f"img{i}.png", (64, 64), colour, None if i % 2 else "a plain square, [trigger]")
     n = comfy.node
     prompt = {
         "ckpt": n("CheckpointLoaderSimple", ckpt_name=tiny_sd15_checkpoint),

@@ -75,7 +75,6 @@ def test_load_refuses_truncated_and_pickled_files(comfy, dojo, tmp_path):
     open(f"{root}/tests/truncated.safetensors", "wb").write(data[: len(data) // 2])
     with pytest.raises(ValueError, match="truncated.safetensors"):
         dojo.lora_nodes.read_lora_file(__import__("pathlib").Path(f"{root}/tests/truncated.safetensors"))
-    import pickle
 
     class Evil:
         def __reduce__(self):
