@@ -175,6 +175,11 @@ class DojoApplyEmbedding(io.ComfyNode):
             raise ValueError(f"this embedding has vectors for {sorted(embedding.vectors)} but the CLIP's text "
                              f"encoders are {keys}: it was trained for another model family "
                              f"({embedding_family(embedding)})")
+        for key, v in embedding.vectors.items():
+            width = cc.clip_token_rows(clip, key, "a").shape[-1]
+            if v.shape[-1] != width:
+                raise ValueError(f"this embedding's {key} vectors are {v.shape[-1]} wide but the CLIP's {key} "
+                                 f"takes {width}: it was made for another model; nothing was applied")
         vectors = {k: v.detach().to("cpu", torch.float32).clone() for k, v in embedding.vectors.items()}
         return io.NodeOutput(cc.clip_with_embeddings(clip, {name: vectors}))
 

@@ -110,3 +110,14 @@ def test_a_second_run_in_the_same_process_is_unaffected_by_the_first(comfy, dojo
     train_node(dojo, model, encoded(dojo, seed=5), steps=4, learning_rate=5e-3, run_name="other")
     again = train_node(dojo, model, encoded(dojo), steps=3, run_name="again").result[0]
     assert all(torch.equal(first[k], again[k]) for k in first)
+
+
+def test_an_embedding_whose_width_does_not_fit_the_clip_is_refused(comfy, tiny_sd15_checkpoint):
+    pack = sys.modules[comfy.pack_module_name()].__name__
+    embedding_nodes = importlib.import_module(f"{pack}.nodes.embedding_nodes")
+    ti = importlib.import_module(f"{pack}.nodes.ti_training")
+    with torch.inference_mode():
+        clip = comfy.nodes.NODE_CLASS_MAPPINGS["CheckpointLoaderSimple"]().load_checkpoint(tiny_sd15_checkpoint)[1]
+    wrong = ti.DojoEmbedding("wide", {"clip_l": torch.zeros(2, 1024)}, {})
+    with pytest.raises(ValueError, match="1024 wide but the CLIP's clip_l takes 768"):
+        embedding_nodes.DojoApplyEmbedding.execute(clip, wrong)
