@@ -16,7 +16,7 @@ import torch
 
 from ..training.adapters import AdapterConfig, AdapterType, attach_adapter
 from ..training.batches import BatchSchedule, Sample
-from ..training.checkpoints import check_resumable, load_checkpoint, save_checkpoint
+from ..training.checkpoints import RunCheckpoints
 from ..training.encoded import EncodedDataset
 from ..training.loop import Callbacks, TrainConfig, TrainState, train
 from ..training.lora_formats import factors_from_state_dict, lora_state_dict
@@ -94,16 +94,8 @@ def train_lora(model_patcher, dataset: EncodedDataset, job: LoraJob) -> LoraResu
         run = run_identity(job, view.family, dataset)
         adapter = attach_adapter(view.diffusion_model, view.adaptable_modules(job.targets), job.adapter,
                                  seed=job.train.seed)
-        checkpoints: list[Path] = []
+        checkpoints = RunCheckpoints(job.checkpoint_dir, run, adapter)
         diffusers_names = cc.sd_unet_diffusers_names(patcher) if view.family in (Family.SD15, Family.SDXL) else None
-
-        def write_checkpoint(state, optimizer, scheduler):
-            if job.checkpoint_dir is None:
-                return
-            folder = save_checkpoint(job.checkpoint_dir, state.step, state.losses, adapter.state_dict(),
-                                     optimizer, scheduler, run)
-            checkpoints.append(folder)
-            log.info("Dojo: checkpoint written to %s", folder)
 
         try:
             state, optimizer_state = TrainState(), None
@@ -111,14 +103,11 @@ def train_lora(model_patcher, dataset: EncodedDataset, job: LoraJob) -> LoraResu
                 adapter.load_low_rank_factors(factors_from_state_dict(
                     view.family, dict(job.init_lora), list(adapter.originals), diffusers_names))
             if job.resume_from is not None:
-                ckpt = load_checkpoint(job.resume_from)
-                check_resumable(ckpt, run)
-                adapter.load_state_dict(ckpt.adapter)
-                state = TrainState(ckpt.step, list(ckpt.losses))
-                optimizer_state = {"optimizer": ckpt.optimizer, "scheduler": ckpt.scheduler}
-                progress.start_at(state.step, ckpt.losses)
+                step, losses, optimizer_state = checkpoints.resume(job.resume_from)
+                state = TrainState(step, losses)
+                progress.start_at(step, losses)
             callbacks = Callbacks(on_step=progress.on_step, should_stop=progress.should_stop,
-                                  on_checkpoint=write_checkpoint)
+                                  on_checkpoint=checkpoints.write)
             try:
                 with training_region(patcher, job.gradient_checkpointing, job.blocks_to_swap, device):
                     state, optimizer, scheduler = train(
@@ -126,16 +115,13 @@ def train_lora(model_patcher, dataset: EncodedDataset, job: LoraJob) -> LoraResu
                         state=state, optimizer_state=optimizer_state, callbacks=callbacks,
                         checkpoint_every=job.checkpoint_every)
             except (torch.OutOfMemoryError, MemoryError) as e:
-                raise TrainingOutOfMemory(len(progress.losses) + 1, checkpoints[-1] if checkpoints else None) from e
+                raise TrainingOutOfMemory(len(progress.losses) + 1, checkpoints.last) from e
             except RuntimeError as e:
                 if "out of memory" not in str(e) and "can't allocate memory" not in str(e):
                     raise
-                raise TrainingOutOfMemory(len(progress.losses) + 1, checkpoints[-1] if checkpoints else None) from e
+                raise TrainingOutOfMemory(len(progress.losses) + 1, checkpoints.last) from e
             cancelled = state.step < job.train.steps
-            # The final state is always checkpointed too: a cancelled run resumes from it, and a finished
-            # one can be continued with more steps.
-            if state.step > 0 and not (checkpoints and checkpoints[-1].name == f"step_{state.step:06d}"):
-                write_checkpoint(state, optimizer, scheduler)
+            checkpoints.write_final(state, optimizer, scheduler)
             tensors = lora_state_dict(view.family, adapter.export_factors(), diffusers_names)
         finally:
             adapter.detach()
@@ -150,4 +136,4 @@ def train_lora(model_patcher, dataset: EncodedDataset, job: LoraJob) -> LoraResu
                                              "dataset_size": len(dataset)}, sort_keys=True, default=str),
                 **job.extra_metadata}
     lora = DojoLoRA({k: v.cpu() for k, v in tensors.items()}, metadata)
-    return LoraResult(lora, list(state.losses), state.step, cancelled, checkpoints[-1] if checkpoints else None)
+    return LoraResult(lora, list(state.losses), state.step, cancelled, checkpoints.last)

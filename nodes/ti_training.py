@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..training.batches import BatchSchedule
-from ..training.checkpoints import check_resumable, load_checkpoint, save_checkpoint
+from ..training.checkpoints import RunCheckpoints
 from ..training.encoded import fingerprint_samples
 from ..training.grad_safety import copy_on_write_saved_tensors
 from ..training.loop import Callbacks, TrainConfig, TrainState, train
@@ -143,34 +143,22 @@ def train_embedding(model_patcher, clip, latents: list[torch.Tensor], captions: 
                 return batch_conditioning([cc.clip_encode_text(train_clip, c) for c in batch_captions])
 
         model = TextualInversionModel(view, unique, encode)
-        checkpoints: list[Path] = []
-
-        def write_checkpoint(state, optimizer, scheduler):
-            if job.checkpoint_dir is None:
-                return
-            folder = save_checkpoint(job.checkpoint_dir, state.step, state.losses, vectors.state_dict(),
-                                     optimizer, scheduler, run)
-            checkpoints.append(folder)
-            log.info("Dojo: checkpoint written to %s", folder)
+        checkpoints = RunCheckpoints(job.checkpoint_dir, run, vectors)
 
         state, optimizer_state = TrainState(), None
         if job.resume_from is not None:
-            ckpt = load_checkpoint(job.resume_from)
-            check_resumable(ckpt, run)
-            vectors.load_state_dict(ckpt.adapter)
-            state = TrainState(ckpt.step, list(ckpt.losses))
-            optimizer_state = {"optimizer": ckpt.optimizer, "scheduler": ckpt.scheduler}
-            progress.start_at(state.step, ckpt.losses)
+            step, losses, optimizer_state = checkpoints.resume(job.resume_from)
+            state = TrainState(step, losses)
+            progress.start_at(step, losses)
         callbacks = Callbacks(on_step=progress.on_step, should_stop=progress.should_stop,
-                                  on_checkpoint=write_checkpoint)
+                              on_checkpoint=checkpoints.write)
         with training_region(patcher, False):
             state, optimizer, scheduler = train(
                 model, vectors, BatchSchedule(samples, job.batch_size, job.train.seed), job.train, device=device,
                 state=state, optimizer_state=optimizer_state, callbacks=callbacks,
                 checkpoint_every=job.checkpoint_every)
         cancelled = state.step < job.train.steps
-        if state.step > 0 and not (checkpoints and checkpoints[-1].name == f"step_{state.step:06d}"):
-            write_checkpoint(state, optimizer, scheduler)
+        checkpoints.write_final(state, optimizer, scheduler)
         trained = {k: v.to("cpu") for k, v in vectors.state_dict().items()}
     metadata = {"dojo_family": family.value, "dojo_embedding_name": name, "dojo_init_word": job.init_word,
                 "dojo_num_vectors": str(job.num_vectors), "dojo_steps": str(state.step),
@@ -178,4 +166,4 @@ def train_embedding(model_patcher, clip, latents: list[torch.Tensor], captions: 
                 "dojo_learning_rate": str(job.train.learning_rate), "dojo_seed": str(job.train.seed),
                 **job.extra_metadata}
     return EmbeddingResult(DojoEmbedding(name, trained, metadata), list(state.losses), state.step, cancelled,
-                           checkpoints[-1] if checkpoints else None)
+                           checkpoints.last)

@@ -7,6 +7,7 @@ run configuration it belongs to; resuming under a different one is refused by na
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 
 from .files import save_safetensors_new, write_new_file
 
+log = logging.getLogger("comfyui-dojo")
 FORMAT_VERSION = 1
 # Settings that must match for a resume to continue the same run (others, like the checkpoint
 # interval, may change).
@@ -120,3 +122,40 @@ def check_resumable(checkpoint: Checkpoint, run: dict) -> None:
     if checkpoint.step >= run.get("steps", 0):
         raise CheckpointError(f"the checkpoint is at step {checkpoint.step}, which already reaches the "
                               f"{run.get('steps')} steps asked for; raise steps to continue training")
+
+
+class RunCheckpoints:
+    """The checkpoints of one training run: written by the loop's callback and at the end, read back
+    for a resume. `trainable` is what the run trains (adapter or embedding vectors): anything with
+    state_dict() / load_state_dict()."""
+
+    def __init__(self, directory: Path | None, run: dict, trainable):
+        self.directory, self.run, self.trainable = directory, run, trainable
+        self.written: list[Path] = []
+
+    @property
+    def last(self) -> Path | None:
+        return self.written[-1] if self.written else None
+
+    def write(self, state, optimizer, scheduler) -> None:
+        """The loop's on_checkpoint callback (a no-op for runs without a checkpoint folder)."""
+        if self.directory is None:
+            return
+        self.written.append(save_checkpoint(self.directory, state.step, state.losses, self.trainable.state_dict(),
+                                            optimizer, scheduler, self.run))
+        log.info("Dojo: checkpoint written to %s", self.last)
+
+    def write_final(self, state, optimizer, scheduler) -> None:
+        """Checkpoint the final state unless the loop just did: a cancelled run resumes from it, and a
+        finished one can be continued with more steps."""
+        if state.step > 0 and not (self.last and self.last.name == f"step_{state.step:06d}"):
+            self.write(state, optimizer, scheduler)
+
+    def resume(self, folder: Path) -> tuple[int, list[float], dict]:
+        """Load `folder` into the trainable after checking it belongs to this run; returns the step, the
+        losses so far and the optimizer + scheduler state for the loop."""
+        checkpoint = load_checkpoint(folder)
+        check_resumable(checkpoint, self.run)
+        self.trainable.load_state_dict(checkpoint.adapter)
+        return checkpoint.step, list(checkpoint.losses), {"optimizer": checkpoint.optimizer,
+                                                          "scheduler": checkpoint.scheduler}

@@ -7,10 +7,16 @@ management). The tree comes from $COMFYUI_PATH, else ~/ComfyUI.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
+import socket
+import subprocess
 import sys
+import time
+import urllib.request
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +31,48 @@ def comfyui_path() -> Path:
 def comfyui_available() -> bool:
     root = comfyui_path()
     return (root / "main.py").is_file() and (root / "comfy").is_dir()
+
+
+@dataclass
+class RunningServer:
+    url: str
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+
+@contextmanager
+def comfyui_server(base: Path, log_path: Path, first_path: str = "/object_info", timeout_s: float = 180):
+    """The real ComfyUI server (main.py) on a free 127.0.0.1 port with `base` as its base directory,
+    up once `first_path` answers; stopped on exit. Yields the server and that first JSON answer."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+             "--base-directory", str(base), "--disable-auto-launch", "--disable-api-nodes"],
+            cwd=comfyui_path(), stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    server = RunningServer(f"http://127.0.0.1:{port}", log_path)
+    try:
+        answer, deadline = None, time.time() + timeout_s
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(server.url + first_path, timeout=5) as r:
+                    answer = json.load(r)
+                break
+            except OSError:
+                time.sleep(1)
+        if answer is None:
+            raise AssertionError(f"server did not answer on {server.url}:\n{server.log()[-3000:]}")
+        yield server, answer
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def make_base_directory(base: Path) -> Path:

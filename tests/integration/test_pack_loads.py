@@ -1,16 +1,10 @@
 """ComfyUI starts with the pack loaded, without import errors, and registers every Dojo node."""
 import importlib
-import json
-import os
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 
 import pytest
 
-from comfy_harness import PACK_DIR_NAME, REPO_ROOT, comfyui_path, make_base_directory
+from comfy_harness import PACK_DIR_NAME, comfyui_server, make_base_directory
 
 pytestmark = pytest.mark.integration
 
@@ -47,42 +41,11 @@ def test_dojo_node_schemas_follow_the_house_style(comfy):
                 assert options.get("tooltip"), f"{node_id}.{name} has no tooltip"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_comfyui_server_lists_dojo_nodes(comfy, tmp_path):
     """The real server process (main.py) starts with the pack and serves its schemas on /object_info."""
     base = make_base_directory(tmp_path / "server_base")
-    port = _free_port()
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    log_path = tmp_path / "server.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-             "--base-directory", str(base), "--disable-auto-launch", "--disable-api-nodes"],
-            cwd=comfyui_path(), stdout=log, stderr=subprocess.STDOUT, env=env)
-    try:
-        info = None
-        deadline = time.time() + 180
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/object_info", timeout=5) as r:
-                    info = json.load(r)
-                break
-            except OSError:
-                time.sleep(1)
-        log_text = log_path.read_text()
-        assert info is not None, f"server did not answer on 127.0.0.1:{port}:\n{log_text[-3000:]}"
+    with comfyui_server(base, tmp_path / "server.log", "/object_info") as (server, info):
         for node_id in expected_node_ids(comfy):
             assert node_id in info, f"{node_id} missing from /object_info"
             assert info[node_id]["python_module"] == f"custom_nodes.{PACK_DIR_NAME}"
-        assert "IMPORT FAILED" not in "\n".join(l for l in log_text.splitlines() if PACK_DIR_NAME in l)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        assert "IMPORT FAILED" not in "\n".join(l for l in server.log().splitlines() if PACK_DIR_NAME in l)

@@ -4,9 +4,6 @@ end with tiny stand-in models saved under the real file names; the server lists 
 templates."""
 import json
 import os
-import subprocess
-import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -15,9 +12,8 @@ import safetensors
 import safetensors.torch
 import torch
 
-from comfy_harness import PACK_DIR_NAME, REPO_ROOT, comfyui_path, make_base_directory
+from comfy_harness import PACK_DIR_NAME, REPO_ROOT, comfyui_server, make_base_directory
 from test_dataset_nodes import fresh_folder, image, video
-from test_pack_loads import _free_port
 from ui_workflows import FRONTEND_ONLY, schema, to_api, widget_problems
 
 pytestmark = pytest.mark.integration
@@ -318,34 +314,10 @@ def test_comfyui_serves_the_workflows_as_the_packs_templates(comfy, tmp_path):
     """ComfyUI 0.8 and 0.33 both scan custom_nodes/<pack>/{example_workflows, example, examples, workflow,
     workflows}/*.json for /workflow_templates and serve the folder under /api/workflow_templates/<pack>/."""
     base = make_base_directory(tmp_path / "server_base")
-    port = _free_port()
-    log_path = tmp_path / "server.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-             "--base-directory", str(base), "--disable-auto-launch", "--disable-api-nodes"],
-            cwd=comfyui_path(), stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    url = f"http://127.0.0.1:{port}"
-    try:
-        templates = None
-        deadline = time.time() + 180
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                with urllib.request.urlopen(f"{url}/workflow_templates", timeout=5) as r:
-                    templates = json.load(r)
-                break
-            except OSError:
-                time.sleep(1)
-        assert templates is not None, f"server did not answer:\n{log_path.read_text()[-3000:]}"
+    with comfyui_server(base, tmp_path / "server.log", "/workflow_templates") as (server, templates):
         assert sorted(templates.get(PACK_DIR_NAME, [])) == WORKFLOWS
         name = WORKFLOWS[0]
-        with urllib.request.urlopen(f"{url}/api/workflow_templates/{PACK_DIR_NAME}/{name}.json", timeout=10) as r:
+        with urllib.request.urlopen(f"{server.url}/api/workflow_templates/{PACK_DIR_NAME}/{name}.json", timeout=10) as r:
             assert json.load(r) == load(name)
-        with urllib.request.urlopen(f"{url}/api/workflow_templates/{PACK_DIR_NAME}/{name}.jpg", timeout=10) as r:
+        with urllib.request.urlopen(f"{server.url}/api/workflow_templates/{PACK_DIR_NAME}/{name}.jpg", timeout=10) as r:
             assert r.read()[:2] == b"\xff\xd8"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
