@@ -207,6 +207,28 @@ def dataset_group(w, vae, clip, note, cache=True, **dataset):
     return enc
 
 
+def sd_text_to_image(w, model, clip, vae, positive, negative, size, prefix):
+    """SD1.5 / SDXL sampling as usual: prompts, KSampler (25 steps, cfg 7, dpmpp_2m / karras), decode,
+    save. `model` and `clip` are (node, output) pairs; `vae` is a node with a VAE output."""
+    pos = w.add("CLIPTextEncode", node_width=380, text=positive)
+    w.link(*clip, pos, "clip")
+    neg = w.add("CLIPTextEncode", node_width=380, title="Negative", text=negative)
+    w.link(*clip, neg, "clip")
+    w.column()
+    latent = w.add("EmptyLatentImage", width=size, height=size, batch_size=1)
+    sampler = w.add("KSampler", seed=42, steps=25, cfg=7.0, sampler_name="dpmpp_2m", scheduler="karras",
+                    denoise=1.0)
+    w.link(*model, sampler, "model")
+    w.link(pos, "CONDITIONING", sampler, "positive")
+    w.link(neg, "CONDITIONING", sampler, "negative")
+    w.link(latent, "LATENT", sampler, "latent_image")
+    decode = w.add("VAEDecode")
+    w.link(sampler, "LATENT", decode, "samples")
+    w.link(vae, "VAE", decode, "vae")
+    image = w.add("SaveImage", node_width=400, filename_prefix=prefix)
+    w.link(decode, "IMAGE", image, "images")
+
+
 # ------------------------------------------------------------------------------------------ Flux
 
 def flux_lora(comfy) -> Workflow:
@@ -309,23 +331,9 @@ def sdxl_lora(comfy) -> Workflow:
     apply = w.add("DojoApplyLoRA", strength_model=1.0, strength_clip=1.0)
     w.link(ckpt, "MODEL", apply, "model")
     w.link(trainer, "lora", apply, "lora")
-    pos = w.add("CLIPTextEncode", node_width=380, text="a photo in the style of your captions, a quiet harbour at dusk")
-    w.link(ckpt, "CLIP", pos, "clip")
-    neg = w.add("CLIPTextEncode", node_width=380, title="Negative", text="blurry, low quality, watermark")
-    w.link(ckpt, "CLIP", neg, "clip")
-    w.column()
-    latent = w.add("EmptyLatentImage", width=1024, height=1024, batch_size=1)
-    sampler = w.add("KSampler", seed=42, steps=25, cfg=7.0, sampler_name="dpmpp_2m", scheduler="karras",
-                    denoise=1.0)
-    w.link(apply, "model", sampler, "model")
-    w.link(pos, "CONDITIONING", sampler, "positive")
-    w.link(neg, "CONDITIONING", sampler, "negative")
-    w.link(latent, "LATENT", sampler, "latent_image")
-    decode = w.add("VAEDecode")
-    w.link(sampler, "LATENT", decode, "samples")
-    w.link(ckpt, "VAE", decode, "vae")
-    image = w.add("SaveImage", node_width=400, filename_prefix="dojo/sdxl_captioned")
-    w.link(decode, "IMAGE", image, "images")
+    sd_text_to_image(w, (apply, "model"), (ckpt, "CLIP"), ckpt,
+                     "a photo in the style of your captions, a quiet harbour at dusk",
+                     "blurry, low quality, watermark", 1024, "dojo/sdxl_captioned")
     save_group(w, trainer, "dojo/sdxl_captioned", "", "sd_xl_base_1.0.safetensors")
     return w
 
@@ -367,24 +375,9 @@ def sd15_textual_inversion(comfy) -> Workflow:
     apply = w.add("DojoApplyEmbedding", name="my_cat")
     w.link(ckpt, "CLIP", apply, "clip")
     w.link(trainer, "embedding", apply, "embedding")
-    pos = w.add("CLIPTextEncode", node_width=380,
-                text="a photo of (embedding:my_cat:1.2) on a windowsill, embedding:my_style")
-    w.link(apply, "clip", pos, "clip")
-    neg = w.add("CLIPTextEncode", node_width=380, title="Negative", text="blurry, low quality")
-    w.link(apply, "clip", neg, "clip")
-    w.column()
-    latent = w.add("EmptyLatentImage", width=512, height=512, batch_size=1)
-    sampler = w.add("KSampler", seed=42, steps=25, cfg=7.0, sampler_name="dpmpp_2m", scheduler="karras",
-                    denoise=1.0)
-    w.link(ckpt, "MODEL", sampler, "model")
-    w.link(pos, "CONDITIONING", sampler, "positive")
-    w.link(neg, "CONDITIONING", sampler, "negative")
-    w.link(latent, "LATENT", sampler, "latent_image")
-    decode = w.add("VAEDecode")
-    w.link(sampler, "LATENT", decode, "samples")
-    w.link(ckpt, "VAE", decode, "vae")
-    image = w.add("SaveImage", node_width=400, filename_prefix="dojo/my_cat_embedding")
-    w.link(decode, "IMAGE", image, "images")
+    sd_text_to_image(w, (ckpt, "MODEL"), (apply, "clip"), ckpt,
+                     "a photo of (embedding:my_cat:1.2) on a windowsill, embedding:my_style",
+                     "blurry, low quality", 512, "dojo/my_cat_embedding")
     w.group("Step 5 - Save the embedding")
     w.note("Dojo Save Embedding writes models/embeddings/my_cat_00001.safetensors (emb_params, as A1111 "
            "and ComfyUI read it; never overwrites). Any prompt can then use embedding:my_cat_00001 without "
