@@ -8,19 +8,22 @@ import torch
 from tiny_comfy_models import FLUX_TINY_NET, HUNYUAN_VIDEO_TINY_NET, randomize_
 
 
-def _patcher(config_name: str, unet_config: dict, seed: int):
-    """Build ComfyUI's BaseModel for `config_name` (a comfy.supported_models class) the way its loaders
-    do, with random weights, and wrap it in a ModelPatcher."""
+def patcher_for(config, seed: int):
+    """Build ComfyUI's BaseModel for a comfy.supported_models config the way its loaders do, with random
+    weights, and wrap it in a ModelPatcher."""
     import comfy.model_management
     import comfy.model_patcher
-    import comfy.supported_models
-    config = getattr(comfy.supported_models, config_name)(dict(unet_config, dtype=torch.float32))
     config.set_inference_dtype(torch.float32, None)
     with torch.inference_mode():  # as in ComfyUI's loaders: parameters are inference tensors
         model = config.get_model({})
         randomize_(model.diffusion_model, seed)
     return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
                                             offload_device=comfy.model_management.unet_offload_device())
+
+
+def _patcher(config_name: str, unet_config: dict, seed: int):
+    import comfy.supported_models
+    return patcher_for(getattr(comfy.supported_models, config_name)(dict(unet_config, dtype=torch.float32)), seed)
 
 
 def tiny_flux_patcher(seed: int = 0):

@@ -222,23 +222,12 @@ def write_sdxl_checkpoint(path: Path, seed: int = 6) -> Path:
     return _save(state, path, torch.float16)
 
 
-def _patcher(model_config, seed: int):
-    import comfy.model_management
-    import comfy.model_patcher
-    model_config.set_inference_dtype(torch.float32, None)
-    model = model_config.get_model({}, device="cpu")
-    _random(model.diffusion_model, seed)
-    cpu = torch.device("cpu")
-    model.to(cpu)
-    return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
-                                             offload_device=cpu)
-
-
 def build_tiny_sdxl(seed: int = 7):
     """A ComfyUI SDXL BaseModel (comfy.model_base.SDXL, config comfy.supported_models.SDXL) with a tiny
     random UNet, wrapped in a ModelPatcher. Context 2048 and adm 2816 as the real one; ~2.6 M params."""
     import comfy.supported_models
-    return _patcher(comfy.supported_models.SDXL(dict(SDXL_TINY_UNET)), seed)
+    from inprocess_models import patcher_for
+    return patcher_for(comfy.supported_models.SDXL(dict(SDXL_TINY_UNET)), seed)
 
 
 # ------------------------------------------------------------------------------------- Flux
@@ -261,7 +250,8 @@ def build_tiny_flux(seed: int = 8, **overrides):
     (hidden 64, 2 heads, 1 double + 1 single block, context and pooled width 768 to match CLIP-L), wrapped
     in a ModelPatcher: ~0.4 M params. For routine tests; it does not go through a loader."""
     import comfy.supported_models
-    return _patcher(comfy.supported_models.Flux(_flux_config(overrides)), seed)
+    from inprocess_models import patcher_for
+    return patcher_for(comfy.supported_models.Flux(_flux_config(overrides)), seed)
 
 
 def _flux_state_dict_shapes(hidden_size: int) -> dict:
