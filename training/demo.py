@@ -79,9 +79,21 @@ def fixed_batch_loss(model, samples, seed: int = 1234) -> float:
         return diffusion_loss(model, latents, cond, t, noise).item()
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
+def warmup_for(steps: int) -> int:
+    """Warm-up of a tenth of the run, at most 10 steps (and none for runs under 10 steps)."""
+    return min(10, steps // 10)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--steps", type=positive_int, default=150, help="training steps, 1 or more")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -100,7 +112,7 @@ def main(argv=None):
 
     adapter = attach_adapter(model.unet, model.adaptable_modules(TargetPreset.ATTENTION_MLP),
                              AdapterConfig(rank=args.rank, alpha=args.rank), seed=args.seed)
-    config = TrainConfig(steps=args.steps, learning_rate=args.lr, warmup_steps=10, seed=args.seed,
+    config = TrainConfig(steps=args.steps, learning_rate=args.lr, warmup_steps=warmup_for(args.steps), seed=args.seed,
                          precision=Precision.FP32)
     before = fixed_batch_loss(model, samples)
 

@@ -169,6 +169,34 @@ def test_cache_writes_a_file_once_under_the_version_directories(comfy, tmp_path,
 
     first = tiny_files.cached_file("model.safetensors", write)
     again = tiny_files.cached_file("model.safetensors", write)
-    assert first == again == tmp_path / comfy.version / f"v{tiny_files.BUILDER_VERSION}" / "model.safetensors"
+    assert first == again == tmp_path / comfy.version / tiny_files.builder_key() / "model.safetensors"
     assert len(calls) == 1 and first.read_bytes() == b"weights"
     assert [p.name for p in first.parent.iterdir()] == ["model.safetensors"]
+
+
+def test_the_cache_key_follows_the_builders_code_and_the_model_seeds(comfy, tmp_path, monkeypatch):
+    """Any change to how a file is built (code, a config value, a seed) changes the key, so a warm cache
+    never hides what a fresh one gives; comments and docstrings do not."""
+    import tiny_files
+    source = tiny_files.BUILDER_MODULES[0].read_text()
+    assert "def write_sd15_checkpoint(path: Path, seed: int = 5)" in source
+    variants = {
+        "same": source,
+        "comment": source.replace("# ---------------------------------------------------------------------------------------- CLIP",
+                                  "# CLIP (a reworded comment)"),
+        "docstring": source.replace('"""For CLIPLoader type stable_diffusion:', '"""Reworded. For CLIPLoader:'),
+        "seed": source.replace("def write_sd15_checkpoint(path: Path, seed: int = 5)",
+                               "def write_sd15_checkpoint(path: Path, seed: int = 6)"),
+        "config": source.replace("model_channels=320, num_res_blocks=[1, 1]", "model_channels=320, num_res_blocks=[1, 2]"),
+    }
+    keys = {}
+    for name, text in variants.items():
+        assert name == "same" or text != source, name
+        path = tmp_path / name / "tiny_files.py"
+        path.parent.mkdir()
+        path.write_text(text)
+        keys[name] = tiny_files.builder_key((path, tiny_files.BUILDER_MODULES[1]))
+    assert keys["same"] == keys["comment"] == keys["docstring"] == tiny_files.builder_key()
+    assert len({keys["same"], keys["seed"], keys["config"]}) == 3
+    monkeypatch.setenv("DOJO_TEST_MODEL_SEED", "1")
+    assert tiny_files.builder_key() != keys["same"]

@@ -3,13 +3,16 @@ builders for the families whose smallest detectable file is too big for routine 
 section 6). Everything is built with the booted ComfyUI's own classes, so import this only after the
 `comfy` fixture has booted ComfyUI.
 
-Files are written once into a cache, ~/.cache/comfyui-dojo-tests/<ComfyUI version>/v<BUILDER_VERSION>/
-($DOJO_TEST_CACHE overrides the root), from fixed seeds, and linked into a ComfyUI base directory.
-Bump BUILDER_VERSION whenever a builder's output changes.
+Files are written once into a cache, ~/.cache/comfyui-dojo-tests/<ComfyUI version>/<builder key>/
+($DOJO_TEST_CACHE overrides the root), from fixed seeds, and linked into a ComfyUI base directory. The
+builder key is derived from the code that builds the files (builder_key), so any change to a builder,
+a config or a seed writes fresh files instead of reusing stale ones.
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -17,9 +20,8 @@ from typing import Callable
 
 import torch
 
+import tiny_comfy_models
 from tiny_comfy_models import randomize_, write_tiny_hunyuan_video
-
-BUILDER_VERSION = 1
 
 # Where each file goes under <base>/models and the name tests see.
 SD_TAESD_VAE = ("vae", "tiny_taesd_sd.safetensors")
@@ -38,9 +40,35 @@ def comfyui_version() -> str:
     return v.__version__
 
 
+def _code_of(path: Path) -> str:
+    """A module's code as its syntax tree, docstrings left out: editing comments or docstrings keeps the
+    cached files; any change to code, configs or seeds does not."""
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) \
+                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree)
+
+
+BUILDER_MODULES = (Path(__file__), Path(tiny_comfy_models.__file__))
+
+
+def builder_key(modules=BUILDER_MODULES) -> str:
+    """The cache key of the files the builders write: a hash of the builders' code (this module and
+    tiny_comfy_models), the model-seed offset (tiny_comfy_models.seed_offset) and the torch version
+    (whose random generator fills the weights)."""
+    h = hashlib.sha256()
+    for module in modules:
+        h.update(_code_of(Path(module)).encode())
+    h.update(f"seed offset {tiny_comfy_models.seed_offset()}; torch {torch.__version__}".encode())
+    return "b" + h.hexdigest()[:16]
+
+
 def cache_dir() -> Path:
     root = Path(os.environ.get("DOJO_TEST_CACHE") or Path.home() / ".cache" / "comfyui-dojo-tests").expanduser()
-    return root / comfyui_version() / f"v{BUILDER_VERSION}"
+    return root / comfyui_version() / builder_key()
 
 
 def cached_file(name: str, write: Callable[[Path], object]) -> Path:
