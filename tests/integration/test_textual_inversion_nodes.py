@@ -90,8 +90,10 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def test_training_lowers_the_loss_trains_only_the_vectors_and_leaves_model_and_clip_bit_identical(comfy, dojo, sd15):
     # The checkpoint's CLIP-L with the in-process SD1.5 UNet (width 32), whose output depends on the
-    # text enough for a short run to show: 15 steps lower the fixed-batch loss by ~9% (a trainer whose
-    # gradients do not reach the vectors leaves it unchanged).
+    # text enough for a short run to show. The fixed-batch loss is deterministic (fixed noise and
+    # timesteps), so a trainer whose gradients do not reach the vectors leaves it exactly unchanged.
+    # Measured over the tiny models' seeds (DOJO_TEST_MODEL_SEED=0..5), 15 steps lowered it by 2.0-7.1%;
+    # the test asks for more than 0.5%.
     from inprocess_models import tiny_sd15_patcher
     _, clip, _ = sd15
     model = tiny_sd15_patcher(seed=0)
@@ -114,7 +116,7 @@ def test_training_lowers_the_loss_trains_only_the_vectors_and_leaves_model_and_c
     captions = [c for cs in ti.training_captions(ti.CaptionMode.CAPTIONS, CAPTIONS, "embedding:tiemb") for c in cs]
     before = fixed_loss(dojo, model, clip, "tiemb", {"clip_l": init}, captions, lats)
     after = fixed_loss(dojo, model, clip, "tiemb", trained, captions, lats)
-    assert after < 0.95 * before, (before, after, result.losses[:3], result.losses[-3:])
+    assert after < 0.995 * before, (before, after, result.losses[:3], result.losses[-3:])
 
     # nothing but the vectors changed: CLIP and MODEL weights and outputs are bit-identical
     # Compared bit for bit: SD1.5 checkpoints carry no CLIP text_projection, so ComfyUI leaves that (unused)
@@ -128,7 +130,13 @@ def test_training_lowers_the_loss_trains_only_the_vectors_and_leaves_model_and_c
 
 
 def test_gradient_through_comfy_clip_matches_finite_differences(comfy, dojo, sd15):
-    """The CLIP adds residuals in place; the protected backward must still give the true gradient."""
+    """The CLIP adds residuals in place; the protected backward must still give the true gradient.
+
+    Central differences D(h) converge to the analytic value as h^2 (measured over the tiny models' seeds
+    0-5, DOJO_TEST_MODEL_SEED: relative error 0.1-3.7% at h = 3e-3, 0.006-0.4% at 1e-3) until float32
+    rounding takes over (0.01-0.3% at 1e-4, growing as h shrinks). So the check extrapolates the h^2 term
+    away from h = 3e-3 and 1e-3 (Richardson: (9 D(h/3) - D(h)) / 8), which measured 0.002-0.03% from the
+    analytic value over those seeds; the tolerance is 0.5%."""
     model, clip, _ = sd15
     cc = dojo.comfy_compat
     init = cc.clip_token_rows(clip, "clip_l", "dog")
@@ -146,15 +154,20 @@ def test_gradient_through_comfy_clip_matches_finite_differences(comfy, dojo, sd1
         objective().backward()
         direction = torch.randn(vec.shape, generator=torch.Generator().manual_seed(1))
         analytic = (vec.grad * direction).sum().item()
-        eps = 1e-2
-        with torch.no_grad():
-            vec += eps * direction
-            plus = objective().item()
-            vec -= 2 * eps * direction
-            minus = objective().item()
-    numeric = (plus - minus) / (2 * eps)
+        base = vec.detach().clone()
+
+        def central_difference(h):
+            values = []
+            with torch.no_grad():
+                for sign in (1, -1):
+                    vec.copy_(base + sign * h * direction)
+                    values.append(objective().item())
+                vec.copy_(base)
+            return (values[0] - values[1]) / (2 * h)
+        coarse, fine = central_difference(3e-3), central_difference(1e-3)
+    numeric = (9 * fine - coarse) / 8
     assert abs(analytic) > 1e-3
-    assert abs(analytic - numeric) < 0.02 * abs(numeric), (analytic, numeric)
+    assert abs(analytic - numeric) < 0.005 * abs(numeric), (analytic, numeric, coarse, fine)
 
 
 def test_same_seed_same_bits_and_cancel_then_resume_continues_exactly(comfy, dojo, sd15, monkeypatch, tmp_path):
