@@ -8,8 +8,8 @@
 #                           paths select the tiers they belong to). Under CI=true the run also fails unless
 #                           the integration tier ran against the main target (ComfyUI $DOJO_MAIN_TARGET).
 #   ./dojo.sh setup         only the set-up: a venv ($DOJO_VENV, default .venv) with torch 2.13.0 (CPU) first,
-#                           then the pack and its test extra, then each ComfyUI tree's own requirements.txt
-#                           (torch kept as installed)
+#                           then the pack and its test extra, then the main ComfyUI tree's requirements.txt
+#                           (torch kept as installed; `test` installs each tree's before its tier)
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 repo="$(pwd)"
@@ -72,7 +72,7 @@ rest, missing = [], []
 # requests: ComfyUI's server imports it, but not every release lists it.
 for line in src.read_text().splitlines() + ["requests"]:
     line = line.split("#", 1)[0].strip()
-    if not line:
+    if not line or line.startswith("-"):  # pip options (-r, --index-url) are not requirements
         continue
     req = Requirement(line)
     if req.name.lower() in ("torch", "torchvision", "torchaudio"):
@@ -122,10 +122,6 @@ setup() {
   python -c "import torch" 2>/dev/null || quiet pip install -q torch==2.13.0 || die "cannot install torch"
   quiet pip install -q -e ".[test]" || die "cannot install the pack"
   python -c "import comfyui_dojo, torch, peft, diffusers, av" >/dev/null || die "the pack does not import"
-  local tree
-  while IFS= read -r tree; do
-    [ -n "$tree" ] && { comfy_requirements "$tree" || die "cannot install the requirements of $tree"; }
-  done < <(comfy_trees)
 }
 
 # ---------------------------------------------------------------------------------------------- tests
@@ -165,6 +161,8 @@ run_tier() {
   if [ -n "$tree" ]; then
     version="$(tree_version "$tree")"
     echo "== $name tier: ComfyUI $version ($(tree_role "$version")) at $tree"
+    # Each tree's own requirements, just before its tier: trees pin different frontend packages.
+    comfy_requirements "$tree" || echo "dojo.sh: installing the requirements of $tree failed; running the tier anyway"
     COMFYUI_PATH="$tree" DOJO_TIER_REPORT="$report" pytest -q "$@" "${options[@]}"
   else
     echo "== $name tier (no ComfyUI)"
@@ -220,7 +218,9 @@ EOF
 
 case "${1:-}" in
   setup)
-    setup ;;
+    setup
+    tree="$(comfy_trees | head -1)"
+    if [ -n "$tree" ]; then comfy_requirements "$tree" || die "cannot install the requirements of $tree"; fi ;;
   demo)
     setup
     shift

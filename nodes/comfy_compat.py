@@ -157,7 +157,11 @@ def sd_unet_diffusers_names(model_patcher) -> dict[str, str]:
     names = {}
     for diffusers_key, comfy_key in mapping.items():
         if diffusers_key.endswith(".weight") and comfy_key.endswith(".weight"):
-            names[comfy_key[: -len(".weight")]] = diffusers_key[: -len(".weight")]
+            name = comfy_key[: -len(".weight")]
+            # SDXL's label_emb has two diffusers names in ComfyUI's map (class_embedding, add_embedding),
+            # and diffusers' kohya converter reads neither back; it keeps its own (sgm) name, as kohya's
+            # SDXL files do, which ComfyUI and diffusers both load.
+            names[name] = name if name.startswith("label_emb.") else diffusers_key[: -len(".weight")]
     return names
 
 

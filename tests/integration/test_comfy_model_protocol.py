@@ -41,22 +41,40 @@ def test_model_info_node_in_a_prompt(comfy, hunyuan_file):
     assert "layers for 'attention_mlp': 20" in text
 
 
+def comfy_denoised(patcher, noisy, sigma, context, pooled, guidance):
+    """x0 as ComfyUI's own sampling computes it: conditioning in ComfyUI's format ([[context, {pooled_output,
+    guidance}]]) through comfy.sample.sample_custom (what SamplerCustom runs), with a one-call sampler that
+    evaluates the model once at (noisy, sigma) and records what it returns."""
+    import comfy.sample
+    import comfy.samplers
+    seen = {}
+
+    def one_call(model, x, sigmas, extra_args=None, callback=None, disable=None):
+        seen["x0"] = model(noisy, sigmas[0] * x.new_ones([x.shape[0]]), **(extra_args or {}))
+        return x
+    positive = [[context, {"pooled_output": pooled, "guidance": guidance}]]
+    with torch.inference_mode():
+        comfy.sample.sample_custom(patcher, torch.zeros_like(noisy), 1.0, comfy.samplers.KSAMPLER(one_call),
+                                   torch.tensor([sigma, 0.0]), positive, positive, torch.zeros_like(noisy))
+    return seen["x0"].float()
+
+
 def test_flow_prediction_is_the_raw_velocity(comfy, hunyuan_file, pack):
+    """The pack's prediction is the flow velocity v with ComfyUI's x0 = x - sigma * v, x0 taken from
+    ComfyUI's sampling path (not built with the pack's own helpers), for the same conditioning."""
     comfy_model = importlib.import_module(pack.__name__ + ".nodes.comfy_model")
     protocol = importlib.import_module(pack.__name__ + ".training.protocol")
     patcher = load_unet(comfy, hunyuan_file.name)
     view = comfy_model.ComfyDenoisingModel(patcher)
     g = torch.Generator().manual_seed(0)
     noisy = torch.randn(1, 16, 1, 8, 8, generator=g)
-    t = torch.tensor([0.6])
-    cond = protocol.Conditioning(torch.randn(1, 5, 768, generator=g), torch.randn(1, 768, generator=g),
-                                 {"guidance": 1.0})
+    context, pooled = torch.randn(1, 5, 768, generator=g), torch.randn(1, 768, generator=g)
     with torch.inference_mode():
-        velocity = view.predict(noisy, t, cond)
-        # ComfyUI's own apply_model returns x0 = x - sigma * v for flow models.
-        kwargs = importlib.import_module(pack.__name__ + ".nodes.comfy_compat").model_kwargs(
-            patcher.model, noisy, cond.context, cond.pooled, cond.extra)
-        x0 = patcher.model.apply_model(noisy, t, **kwargs)
-    assert velocity.shape == noisy.shape
-    assert velocity.abs().mean() > 0
+        velocity = view.predict(noisy, torch.tensor([0.6]), protocol.Conditioning(context, pooled, {"guidance": 1.0}))
+    x0 = comfy_denoised(patcher, noisy, 0.6, context, pooled, 1.0)
+    assert velocity.shape == noisy.shape and velocity.abs().mean() > 0
     torch.testing.assert_close(noisy - 0.6 * velocity, x0, rtol=1e-5, atol=1e-5)
+    # The comparison sees the conditioning: other guidance or pooled vectors move ComfyUI's x0 well past it.
+    for other in (comfy_denoised(patcher, noisy, 0.6, context, pooled, 4.0),
+                  comfy_denoised(patcher, noisy, 0.6, context, -pooled, 1.0)):
+        assert (other - x0).abs().max() > 1e-3

@@ -1,6 +1,7 @@
 """Dojo's LoRA files load in diffusers (DESIGN.md section 4) and change the matching diffusers model's
 output exactly as they change ComfyUI's.
 
+Families: SD1.5 and SDXL (UNets), Flux and HunyuanVideo (transformers).
 Both sides hold the same base weights: a tiny random ComfyUI model is built in process and its state dict
 is converted to the diffusers layout with ComfyUI's own key maps (`comfy.utils.unet_to_diffusers`,
 `comfy.utils.flux_to_diffusers`; ComfyUI has none for HunyuanVideo, so that map is written out here), then
@@ -12,8 +13,12 @@ component is the network).
 
 diffusers' original-format converters for Flux (kohya) and HunyuanVideo split a single block's fused
 `linear1` LoRA with a hard-coded hidden size of 3072, the real models' width; at any other width they
-fail. The tiny (hidden 64) models therefore leave `linear1` out, and a one-single-block model at hidden
-3072 covers it.
+fail. The tiny (hidden 64) models therefore leave `linear1` out, and a Flux with the real width (hidden
+3072, 24 heads) but no double block and one single block covers it (`test_flux_single_block_linear1_at_
+hidden_3072`: ~0.2 G params, built on demand, ~2 GB while it runs). HunyuanVideo at that width would
+also carry its two-block token refiner at hidden 3072 (~0.45 G params, ~4 GB for both sides), so its
+`linear1` at hidden 3072 is checked on the file: diffusers' converter must turn it into to_q, to_k, to_v
+and proj_mlp LoRAs whose products are exactly the matching rows of the fused delta.
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ import time
 import pytest
 import torch
 
-from inprocess_models import _patcher, tiny_flux_patcher, tiny_hunyuan_video_patcher
+from inprocess_models import _patcher, patcher_for, tiny_flux_patcher, tiny_hunyuan_video_patcher
 from tiny_comfy_models import FLUX_TINY_NET, HUNYUAN_VIDEO_TINY_NET
 
 pytestmark = pytest.mark.integration
@@ -185,6 +190,65 @@ class SD15:
         from diffusers import StableDiffusionPipeline
         return StableDiffusionPipeline(vae=None, text_encoder=None, tokenizer=None, unet=model, scheduler=None,
                                        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+class SDXL:
+    """ComfyUI's SDXL BaseModel with the tiny SDXL-shaped UNet the other tests use (context 2048, adm 2816,
+    linear projections, 64-channel heads), and diffusers' UNet2DConditionModel of the same shape with
+    SDXL's text_time additional embedding."""
+    name = "sdxl"
+
+    @staticmethod
+    def comfy_patcher():
+        import comfy.supported_models
+        import tiny_files
+        return patcher_for(comfy.supported_models.SDXL(dict(tiny_files.SDXL_TINY_UNET)), seed=3)
+
+    @staticmethod
+    def diffusers_model(patcher):
+        import comfy.utils
+        from diffusers import UNet2DConditionModel
+        config = patcher.model.model_config.unet_config
+        assert config["num_head_channels"] == 64 and config["channel_mult"] == [1, 2]
+        widths = tuple(config["model_channels"] * m for m in config["channel_mult"])
+        model = UNet2DConditionModel(
+            sample_size=32, in_channels=4, out_channels=4, block_out_channels=widths, layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            mid_block_type="UNetMidBlock2DCrossAttn", cross_attention_dim=2048,
+            attention_head_dim=tuple(w // 64 for w in widths),  # diffusers' name for the number of heads
+            transformer_layers_per_block=1, norm_num_groups=32, use_linear_projection=True,
+            addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+        key_map = comfy.utils.unet_to_diffusers(config)
+        return model, from_comfy_key_map(patcher.model.diffusion_model.state_dict(), key_map)
+
+    # SDXL's size conditioning: (height, width, crop top, crop left, target height, target width).
+    SIZES = torch.tensor([[128.0, 96.0, 0.0, 8.0, 128.0, 96.0], [64.0, 64.0, 0.0, 0.0, 64.0, 64.0]])
+
+    @classmethod
+    def inputs(cls, batch=2):
+        g = torch.Generator().manual_seed(11)
+        return dict(x=torch.randn(batch, 4, 16, 16, generator=g), t=torch.tensor([100.0, 700.0][:batch]),
+                    context=torch.randn(batch, 7, 2048, generator=g), pooled=torch.randn(batch, 1280, generator=g),
+                    sizes=cls.SIZES[:batch])
+
+    @staticmethod
+    def comfy_forward(net, i):
+        # ComfyUI's own adm vector: pooled text embedding + Timestep(256) embeddings of the six sizes.
+        from comfy.ldm.modules.diffusionmodules.openaimodel import Timestep
+        embed = Timestep(256)
+        y = torch.cat([i["pooled"], torch.stack([embed(row).flatten() for row in i["sizes"]])], dim=1)
+        return net(i["x"], timesteps=i["t"], context=i["context"], y=y)
+
+    @staticmethod
+    def diffusers_forward(model, i):
+        return model(i["x"], i["t"], encoder_hidden_states=i["context"],
+                     added_cond_kwargs={"text_embeds": i["pooled"], "time_ids": i["sizes"]}).sample
+
+    @staticmethod
+    def pipeline(model):
+        from diffusers import StableDiffusionXLPipeline
+        return StableDiffusionXLPipeline(vae=None, text_encoder=None, text_encoder_2=None, tokenizer=None,
+                                         tokenizer_2=None, unet=model, scheduler=None)
 
 
 class Flux:
@@ -382,7 +446,7 @@ def run_roundtrip(dojo, family, preset, tmp_path, skip=lambda name: False):
     modules = {n: m for n, m in view.adaptable_modules(dojo.protocol.TargetPreset(preset)).items() if not skip(n)}
     assert modules
     factors = random_factors(modules, seed=5)
-    names = dojo.comfy_compat.sd_unet_diffusers_names(patcher) if family is SD15 else None
+    names = dojo.comfy_compat.sd_unet_diffusers_names(patcher) if family in (SD15, SDXL) else None
     lora = dojo.lora_formats.lora_state_dict(view.family, factors, names)
 
     with dojo.comfy_compat.capture_lora_warnings() as unloaded:
@@ -408,6 +472,11 @@ def test_sd15_lora_matches_in_diffusers(comfy, dojo, tmp_path, preset):
     run_roundtrip(dojo, SD15, preset, tmp_path)
 
 
+@pytest.mark.parametrize("preset", PRESETS)
+def test_sdxl_lora_matches_in_diffusers(comfy, dojo, tmp_path, preset):
+    run_roundtrip(dojo, SDXL, preset, tmp_path)
+
+
 def _linear1(name):
     return name.endswith(".linear1")
 
@@ -420,3 +489,62 @@ def test_flux_lora_matches_in_diffusers(comfy, dojo, tmp_path, preset):
 @pytest.mark.parametrize("preset", PRESETS)
 def test_hunyuan_video_lora_matches_in_diffusers(comfy, dojo, tmp_path, preset):
     run_roundtrip(dojo, HunyuanVideo, preset, tmp_path, skip=_linear1)
+
+
+# Flux at the real width: 24 heads of 128 (axes 16 + 56 + 56), context and pooled 768 as CLIP-L, no
+# double block and one single block; ~0.2 G parameters.
+FLUX_3072_NET = dict(FLUX_TINY_NET, hidden_size=3072, num_heads=24, axes_dim=[16, 56, 56], context_in_dim=768,
+                     vec_in_dim=768, depth=0, depth_single_blocks=1)
+
+
+class Flux3072(Flux):
+    name = "flux_h3072"
+
+    @classmethod
+    def comfy_patcher(cls):
+        return _patcher("Flux", dict(FLUX_3072_NET, image_model="flux"), seed=3)
+
+    @classmethod
+    def net_config(cls):
+        return FLUX_3072_NET
+
+    @classmethod
+    def inputs(cls, batch=1):
+        return super().inputs(batch)
+
+
+def test_flux_single_block_linear1_at_hidden_3072(comfy, dojo, tmp_path):
+    """The single block's fused linear1 (q, k, v and the MLP input in one Linear) through diffusers' kohya
+    converter, which splits it at the real width of 3072."""
+    import gc
+    modules = run_roundtrip(dojo, Flux3072, "all_linear", tmp_path, skip=lambda name: not _linear1(name))
+    assert list(modules) == ["single_blocks.0.linear1"]
+    gc.collect()
+
+
+def test_hunyuan_video_single_block_linear1_at_hidden_3072_converts_exactly(comfy, dojo, tmp_path):
+    import safetensors.torch
+    from diffusers import HunyuanVideoPipeline
+    hidden, mlp = 3072, 4 * 3072
+    g = torch.Generator().manual_seed(5)
+    down = torch.randn(RANK, hidden, generator=g) / hidden ** 0.5
+    up = torch.randn(3 * hidden + mlp, RANK, generator=g)
+    # With a double block's qkv beside it, as in every preset's file (diffusers tells HunyuanVideo's
+    # original layout by its img_attn_qkv keys).
+    qkv_down, qkv_up = torch.randn(RANK, hidden, generator=g), torch.randn(3 * hidden, RANK, generator=g)
+    lora = dojo.lora_formats.lora_state_dict(dojo.protocol.Family("hunyuan_video"), {
+        "single_blocks.0.linear1": (down, up), "double_blocks.0.img_attn.qkv": (qkv_down, qkv_up)})
+    path = tmp_path / "hunyuan_video_linear1.safetensors"
+    safetensors.torch.save_file(lora, str(path))
+    converted = HunyuanVideoPipeline.lora_state_dict(str(path))
+    converted = converted[0] if isinstance(converted, tuple) else converted
+    fused = up @ down
+    rows = {"attn.to_q": (0, hidden), "attn.to_k": (hidden, hidden), "attn.to_v": (2 * hidden, hidden),
+            "proj_mlp": (3 * hidden, mlp)}
+    prefix = "transformer.single_transformer_blocks.0."
+    single = {k for k in converted if k.startswith(prefix)}
+    assert sorted(single) == sorted(f"{prefix}{t}.lora_{ab}.weight" for t in rows for ab in "AB")
+    for target, (start, length) in rows.items():
+        delta = converted[f"{prefix}{target}.lora_B.weight"] @ converted[f"{prefix}{target}.lora_A.weight"]
+        torch.testing.assert_close(delta, fused[start:start + length], rtol=1e-6, atol=1e-7)
+    assert len(converted) == len(single) + 6  # the qkv became to_q, to_k, to_v of transformer_blocks.0

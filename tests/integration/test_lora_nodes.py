@@ -57,14 +57,47 @@ def test_save_refuses_paths_that_escape_models_loras(comfy, dojo):
             dojo.lora_nodes.DojoSaveLoRA.execute(lora, prefix, "fp16")
 
 
+def flux_output(dojo, patcher):
+    """The tiny Flux's output on fixed inputs, with this patcher's patches (or the base weights)."""
+    g = torch.Generator().manual_seed(2)
+    x, t = torch.randn(1, 16, 8, 8, generator=g), torch.tensor([0.5])
+    context, y = torch.randn(1, 4, 48, generator=g), torch.randn(1, 32, generator=g)
+    dojo.comfy_compat.load_for_compute(patcher)
+    with torch.inference_mode():
+        return patcher.model.diffusion_model(x, t, context, y=y, guidance=torch.tensor([3.5])).clone()
+
+
+def fitting_flux_lora(patcher) -> dict:
+    """A LoRA (ComfyUI's own key names) on one real layer of the tiny Flux, from ComfyUI's key map."""
+    import comfy.lora
+    key_map = comfy.lora.model_lora_keys_unet(patcher.model, {})
+    name = next(k for k, w in key_map.items() if isinstance(w, str) and w.endswith("double_blocks.0.img_attn.qkv.weight"))
+    out_features, in_features = patcher.model.diffusion_model.state_dict()[key_map[name].removeprefix("diffusion_model.")].shape
+    g = torch.Generator().manual_seed(4)
+    return {f"{name}.lora_down.weight": torch.randn(2, in_features, generator=g) * 0.3,
+            f"{name}.lora_up.weight": torch.randn(out_features, 2, generator=g) * 0.3}
+
+
 def test_apply_refuses_a_lora_for_another_family_and_applies_nothing(comfy, dojo):
     sd_lora = train_node(dojo, tiny_sd15_patcher(), encoded(dojo), steps=1).result[0]
     flux = tiny_flux_patcher()
+    before = flux_output(dojo, flux)
+    apply = dojo.lora_nodes.DojoApplyLoRA.execute
     with pytest.raises(ValueError, match="trained for sd15 but the MODEL is flux"):
-        dojo.lora_nodes.DojoApplyLoRA.execute(flux, sd_lora, 1.0)
+        apply(flux, sd_lora, 1.0)
     foreign = dojo.lora_training.DojoLoRA(dict(sd_lora))  # no metadata: caught by the unloaded-key check
     with pytest.raises(ValueError, match="match no layer"):
-        dojo.lora_nodes.DojoApplyLoRA.execute(flux, foreign, 1.0)
+        apply(flux, foreign, 1.0)
+    # Part of a LoRA fitting is not enough: refused as a whole, with nothing applied anywhere.
+    fitting = fitting_flux_lora(flux)
+    with pytest.raises(ValueError, match="keys match no layer.*Nothing was applied"):
+        apply(flux, dojo.lora_training.DojoLoRA({**fitting, **sd_lora}), 1.0)
+    assert flux.patches == {} and torch.equal(flux_output(dojo, flux), before)
+    # The fitting part alone is applied, to a copy, and changes the output: so the refusals kept it out.
+    applied, _ = apply(flux, dojo.lora_training.DojoLoRA(fitting), 1.0).result
+    assert applied is not flux and len(applied.patches) == 1 and flux.patches == {}
+    assert (flux_output(dojo, applied) - before).abs().max() > 1e-3
+    assert torch.equal(flux_output(dojo, flux), before)
 
 
 def test_load_refuses_truncated_and_pickled_files(comfy, dojo, tmp_path):
