@@ -51,11 +51,8 @@ _INPLACE_DUNDERS = frozenset({"__setitem__", "__iadd__", "__isub__", "__imul__",
 def _written_tensors(func, args, kwargs) -> list[torch.Tensor]:
     """The tensors an op writes into: `self` of an in-place op, and `out=` arguments."""
     written = []
-    name = getattr(func, "__name__", "")
-    if args and isinstance(args[0], torch.Tensor):
-        if name in _INPLACE_DUNDERS or (name.endswith("_") and not name.startswith("_")
-                                        and name not in _NOT_DATA_WRITES):
-            written.append(args[0])
+    if args and isinstance(args[0], torch.Tensor) and _writes_self(func):
+        written.append(args[0])
     out = kwargs.get("out") if kwargs else None
     if isinstance(out, torch.Tensor):
         written.append(out)
@@ -89,6 +86,21 @@ class _Saved:
         self.description = f"{tuple(tensor.shape)} {tensor.dtype}"
 
 
+# func -> whether its name says it writes `self` (decided once per op: this mode sees every op, and
+# its Python cost per op is most of what the protection costs).
+_WRITES_SELF: dict = {}
+
+
+def _writes_self(func) -> bool:
+    known = _WRITES_SELF.get(func)
+    if known is None:
+        name = getattr(func, "__name__", "")
+        known = name in _INPLACE_DUNDERS or (name.endswith("_") and not name.startswith("_")
+                                             and name not in _NOT_DATA_WRITES)
+        _WRITES_SELF[func] = known
+    return known
+
+
 class _CopyOnWriteMode(TorchFunctionMode):
     def __init__(self, registry: dict, substitutions: Mapping[Callable, Callable]):
         super().__init__()
@@ -97,10 +109,14 @@ class _CopyOnWriteMode(TorchFunctionMode):
         self.copies = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        replacement = self.substitutions.get(func)
-        if replacement is not None:
-            return replacement(*args, **kwargs)
+        if self.substitutions:
+            replacement = self.substitutions.get(func)
+            if replacement is not None:
+                return replacement(*args, **(kwargs or {}))
+        if not kwargs:
+            if not (args and _writes_self(func) and isinstance(args[0], torch.Tensor)):
+                return func(*args)  # the common case: an op that writes nothing
+            kwargs = {}
         for target in _written_tensors(func, args, kwargs):
             key = _storage_key(target)
             holders = self.registry.get(key) if key is not None else None
