@@ -35,7 +35,7 @@ PHASES = ("floor", "+adapters", "+dojo", "full")
 COUNTED = ("aten::copy_", "aten::clone", "aten::convolution", "aten::mm", "aten::addmm", "aten::bmm")
 
 
-def child(family: str, checkpointing: bool, rounds: int, steps: int, profile_steps: int) -> dict:
+def child(family: str, checkpointing: bool, rounds: int, steps: int, profile_steps: int, top_ops: int) -> dict:
     import torch
     version, pack = bc.boot()
     torch.set_num_threads(1)
@@ -96,9 +96,9 @@ def child(family: str, checkpointing: bool, rounds: int, steps: int, profile_ste
         else:
             adapter_steps(n, phase == "+dojo", on_step)
 
-    def timed(phase):
+    def timed(phase):  # CPU time of this process per step (one thread): robust to other load
         stamps = []
-        run(phase, steps, lambda: stamps.append(time.perf_counter()))
+        run(phase, steps, lambda: stamps.append(time.process_time()))
         return statistics.median([b - a for a, b in zip(stamps, stamps[1:])][1:])
 
     times = {p: [] for p in PHASES}
@@ -124,6 +124,9 @@ def child(family: str, checkpointing: bool, rounds: int, steps: int, profile_ste
         counts[phase] = {k: events[k].count / profile_steps for k in COUNTED if k in events}
         optimizer = [e for k, e in events.items() if k.startswith("Optimizer.step")]
         counts[phase]["optimizer_ms"] = sum(e.cpu_time_total for e in optimizer) / 1000 / profile_steps
+        top = sorted(events.values(), key=lambda e: -e.self_cpu_time_total)[:top_ops]
+        counts[phase]["top"] = [(e.key, e.count / profile_steps, e.self_cpu_time_total / 1000 / profile_steps)
+                                for e in top]
     return {"comfyui": version, "times": times, "counts": counts, "load": os.getloadavg()[0]}
 
 
@@ -134,19 +137,22 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--profile-steps", type=int, default=2)
+    parser.add_argument("--top", type=int, default=0, help="also list the N ops with the most self CPU time")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         family, ckpt = args.child.split(":")
-        print("RESULT " + json.dumps(child(family, ckpt == "on", args.rounds, args.steps, args.profile_steps)))
+        print("RESULT " + json.dumps(child(family, ckpt == "on", args.rounds, args.steps, args.profile_steps,
+                                           args.top)))
         return
     print(f"{'family':<14}{'ckpt':<5}" + "".join(f"{p:>11}" for p in PHASES)
-          + f"{'adapters':>10}{'protect/ckpt':>14}{'optim+loop':>12}{'total':>8}  load  (s/step; phase costs as % of floor)")
+          + f"{'adapters':>10}{'protect/ckpt':>14}{'optim+loop':>12}{'total':>8}  load  (CPU s/step; phase costs as % of floor)")
     rows = []
     for family in args.families.split(","):
         for ckpt in args.checkpointing.split(","):
             proc = subprocess.run([sys.executable, __file__, "--child", f"{family}:{ckpt}", "--rounds", str(args.rounds),
-                                   "--steps", str(args.steps), "--profile-steps", str(args.profile_steps)],
+                                   "--steps", str(args.steps), "--profile-steps", str(args.profile_steps),
+                                   "--top", str(args.top)],
                                   capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
             lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
             if not lines:
@@ -166,6 +172,8 @@ def main():
             c = r["counts"][phase]
             print(f"{family:<14}{ckpt:<5}{phase:<11}" + "".join(f"{c.get(k, 0):>12.0f}" for k in COUNTED)
                   + f"{c['optimizer_ms']:>10.1f}")
+            for key, count, ms in c["top"]:
+                print(f"{'':<30}{key[:48]:<50}{count:>8.0f} calls {ms:>9.1f} ms")
 
 
 if __name__ == "__main__":
