@@ -1,144 +1,193 @@
-"""Dojo's Train LoRA against ComfyUI's built-in TrainLoraNode, and against the frozen floor.
+"""Dojo's Train LoRA against ComfyUI's built-in TrainLoraNode and against the frozen floor, per family.
 
-Same model (the tiny SD1.5 checkpoint of the integration tests, loaded by CheckpointLoaderSimple),
-same latents and conditioning, rank, steps, batch and precision. Each variant runs in a fresh
-subprocess so that its peak RSS is its own. Per-step time comes from a global optimizer-step hook
-(both trainers call optimizer.step once per step); the floor is a frozen forward + backward (gradient
-with respect to the input latents, no trainable weights) through the same ComfyUI model.
+Families (tiny stand-ins built with ComfyUI's own classes, bench_common.FAMILIES): SD1.5, SDXL, Flux,
+HunyuanVideo on images and on a 5-latent-frame clip. For each family and checkpointing setting the
+variants are
 
-    python bench/bench_lora_vs_builtin.py [--steps 12] [--batch 2] [--latent 32] [--rank 16]
-Needs a ComfyUI tree at $COMFYUI_PATH (default ~/ComfyUI). Prints a table; asserts nothing.
+  floor           frozen forward + backward of the same ComfyUI model, no adapters (gradient w.r.t. the
+                  input latents); with checkpointing, torch's checkpoint around the same blocks
+                  (like with like: Dojo's checkpointing row is compared with the floor's own)
+  dojo            Dojo Train LoRA with its family defaults (targets auto)
+  dojo_all        Dojo Train LoRA with targets all_linear (closer to the built-in, which adapts every layer)
+  builtin_bypass  TrainLoraNode, bypass mode on
+  builtin         TrainLoraNode, bypass mode off (0.8 has no bypass mode: only this one)
+
+Same latents, conditioning, rank, batch, steps and precision (bf16) for all. Each variant runs in a
+fresh subprocess (its peak RSS is its own); the variants of one configuration run back to back in a
+rotated order, and the whole set is repeated for --rounds interleaved rounds. s/step is the median of
+the step intervals after warm-up (from a global optimizer-step hook: both trainers step once per
+step). Time is the process's CPU time per step (`time.process_time`, one thread): on a shared, loaded
+machine wall time mostly measures the other processes, CPU time what this one did; the wall-clock
+median is printed beside it. Ratios are medians over rounds of per-round (paired) ratios. The load
+average is printed per round and configuration.
+
+    OMP_NUM_THREADS=1 python bench/bench_lora_vs_builtin.py [--families sd15,flux] [--checkpointing off,on]
+        [--variants floor,dojo,...] [--rounds 3] [--steps 8] [--batch 1] [--rank 16]
+Needs a ComfyUI tree at $COMFYUI_PATH (default ~/ComfyUI). Prints tables; asserts nothing.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "tests" / "integration"), str(REPO / "tests")]
+import bench_common as bc
 
-
-def rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+VARIANTS = ("floor", "dojo", "dojo_all", "builtin_bypass", "builtin")
 
 
 def child(args) -> dict:
     import torch
-    import pack_import  # noqa: F401  (makes comfyui_dojo importable from this checkout)
-    from comfy_harness import ComfyUI, comfyui_path, make_base_directory
+    version, pack = bc.boot()
     torch.set_num_threads(args.threads)
-    comfy = ComfyUI(comfyui_path(), make_base_directory(Path(tempfile.mkdtemp())))
-    import tiny_files
-    ckpt = tiny_files.provide_sd15_checkpoint(comfy.base)
-    with torch.inference_mode():
-        model = comfy.nodes.NODE_CLASS_MAPPINGS["CheckpointLoaderSimple"]().load_checkpoint(ckpt)[0]
-    g = torch.Generator().manual_seed(0)
-    latents = torch.randn(args.batch * 2, 4, args.latent, args.latent, generator=g)
-    context = torch.randn(1, 77, 768, generator=g)
-    pack = sys.modules[comfy.pack_module_name()].__name__
-    import importlib
+    family, checkpointing = args.family, args.checkpointing == "on"
+    n = max(4, args.batch)
+    latents, context, pooled = bc.inputs(family, n)
+    patcher = bc.build_patcher(family)
     times: list[float] = []
+    cpu_times: list[float] = []
+    trainable = {}
+
+    def on_step(optimizer=None, *_a, **_k):
+        times.append(time.perf_counter())
+        cpu_times.append(time.process_time())
+        if optimizer is not None and not trainable:
+            trainable["n"] = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
+
     from torch.optim.optimizer import register_optimizer_step_post_hook
-    register_optimizer_step_post_hook(lambda *a, **k: times.append(time.perf_counter()))
-    base_rss = rss_mb()
-    start = time.perf_counter()
-    if args.variant == "dojo":
-        mods = {n: importlib.import_module(f"{pack}.{n}") for n in (
-            "nodes.train_lora", "training.batches", "training.encoded", "training.protocol")}
-        samples = [mods["training.batches"].Sample(l, mods["training.protocol"].Conditioning(context.clone()))
-                   for l in latents]
-        data = mods["training.encoded"].EncodedDataset(samples, ["x"] * len(samples))
-        mods["nodes.train_lora"].DojoTrainLoRA.execute(
-            model, data, steps=args.steps, batch_size=args.batch, grad_accumulation=1, learning_rate=5e-4,
-            rank=args.rank, alpha=float(args.rank), adapter="lora", targets=args.targets, optimizer="adamw",
-            lr_schedule="constant", warmup_steps=0, timestep_sampling="uniform", shift=0.0, min_snr_gamma=0.0,
-            noise_offset=0.0, gradient_checkpointing="on" if args.checkpointing else "off",
-            precision=args.precision, seed=0, checkpoint_every=0, run_name="bench")
-    elif args.variant == "builtin":
-        node = comfy.nodes.NODE_CLASS_MAPPINGS["TrainLoraNode"]
+    register_optimizer_step_post_hook(on_step)
+    rss_before = bc.rss_mb()
+    if args.variant.startswith("dojo"):
+        batches, encoded, train_lora = pack("training.batches"), pack("training.encoded"), pack("nodes.train_lora")
+        samples = [batches.Sample(latents[i], bc.conditioning(pack, family, context[i:i + 1].clone(),
+                                                               None if pooled is None else pooled[i:i + 1].clone()))
+                   for i in range(n)]
+        data = encoded.EncodedDataset(samples, ["x"] * n)
+        train_lora.DojoTrainLoRA.execute(
+            patcher, data, steps=args.steps, batch_size=args.batch, grad_accumulation=1, learning_rate=1e-4,
+            rank=args.rank, alpha=float(args.rank), adapter="lora",
+            targets="all_linear" if args.variant == "dojo_all" else "auto", optimizer="adamw",
+            lr_schedule="constant", warmup_steps=0, timestep_sampling="auto", shift=0.0, min_snr_gamma=0.0,
+            noise_offset=0.0, gradient_checkpointing=args.checkpointing, precision="bf16", seed=0,
+            checkpoint_every=0, run_name="bench")
+    elif args.variant.startswith("builtin"):
+        import comfy_extras.nodes_train as nodes_train
+        node = nodes_train.TrainLoraNode
         schema = {i.id: i for i in node.GET_SCHEMA().inputs}
-        schema_inputs = set(schema)
-        kwargs = dict(model=[model], latents=[{"samples": latents}], positive=[[[context.clone(), {}]]],
+        if args.variant == "builtin_bypass" and "bypass_mode" not in schema:
+            return {"skipped": "this ComfyUI's TrainLoraNode has no bypass mode"}
+        positive = [[[context[i:i + 1].clone(), {} if pooled is None else {"pooled_output": pooled[i:i + 1].clone()}]]
+                    for i in range(n)]
+        kwargs = dict(model=[patcher], latents=[{"samples": latents}], positive=positive,
                       batch_size=[args.batch], steps=[args.steps], grad_accumulation_steps=[1],
-                      learning_rate=[5e-4], rank=[args.rank], optimizer=["AdamW"], loss_function=["MSE"],
-                      seed=[0], training_dtype=[args.precision], lora_dtype=[args.precision],
-                      quantized_backward=[False], algorithm=[schema["algorithm"].default], gradient_checkpointing=[args.checkpointing],
-                      checkpoint_depth=[1], offloading=[False], existing_lora=["[None]"], bucket_mode=[False],
-                      bypass_mode=[False])
-        node.execute(**{k: v for k, v in kwargs.items() if k in schema_inputs})
-    else:  # floor: frozen forward + backward through the same ComfyUI model
-        cm = importlib.import_module(f"{pack}.nodes.comfy_model")
-        cc = importlib.import_module(f"{pack}.nodes.comfy_compat")
-        proto = importlib.import_module(f"{pack}.training.protocol")
-        with torch.inference_mode(False), torch.enable_grad():
-            patcher = cc.training_clone(model)
-            cc.load_for_compute(patcher)
-            cc.materialize_inference_tensors(patcher.model)
-            view = cm.ComfyDenoisingModel(patcher)
-            cond = proto.Conditioning(context.expand(args.batch, -1, -1).clone())
-            autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16")
-            for step in range(args.steps):
-                x = latents[: args.batch].clone().requires_grad_(True)
-                with autocast:
-                    out = view.predict(x, torch.rand(args.batch), cond)
-                out.float().pow(2).mean().backward()
-                times.append(time.perf_counter())
-    total = time.perf_counter() - start
-    steps = [b - a for a, b in zip(times, times[1:])][1:]  # drop the first (warm-up) interval
-    return {"variant": args.variant, "s_per_step": statistics.median(steps), "steps_timed": len(steps),
-            "total_s": total, "peak_rss_mb": rss_mb(), "rss_before_training_mb": base_rss}
+                      learning_rate=[1e-4], rank=[args.rank], optimizer=["AdamW"], loss_function=["MSE"],
+                      seed=[0], training_dtype=["bf16"], lora_dtype=["bf16"], quantized_backward=[False],
+                      algorithm=[schema["algorithm"].default] if "algorithm" in schema else None,
+                      gradient_checkpointing=[checkpointing], checkpoint_depth=[1], offloading=[False],
+                      existing_lora=["[None]"], bucket_mode=[False], bypass_mode=[args.variant == "builtin_bypass"])
+        node.execute(**{k: v for k, v in kwargs.items() if k in schema})
+    else:
+        bc.floor_steps(pack, patcher, family, latents, context, pooled, args.batch, args.steps, checkpointing,
+                       on_step=on_step)
+    intervals = [b - a for a, b in zip(times, times[1:])][1:]  # the first two steps are warm-up
+    cpu = [b - a for a, b in zip(cpu_times, cpu_times[1:])][1:]
+    if not intervals:
+        raise RuntimeError(f"only {len(times)} steps were timed; use --steps 4 or more")
+    return {"comfyui": version, "s_per_step": statistics.median(cpu), "wall_s_per_step": statistics.median(intervals),
+            "steps_timed": len(intervals),
+            "trainable": trainable.get("n", 0), "peak_rss_mb": bc.rss_mb(),
+            "training_mb": bc.rss_mb() - rss_before}
+
+
+def run_child(args, family, checkpointing, variant) -> dict:
+    cmd = [sys.executable, __file__, "--variant", variant, "--family", family, "--checkpointing", checkpointing,
+           "--steps", str(args.steps), "--batch", str(args.batch), "--rank", str(args.rank),
+           "--threads", str(args.threads)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if not lines:
+        return {"failed": (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]}
+    return json.loads(lines[-1][7:])
+
+
+def ratio(rounds, a, b, key="s_per_step"):
+    """Median over rounds of the per-round ratio a/b (rounds where both ran)."""
+    values = [r[a][key] / r[b][key] for r in rounds if key in r.get(a, {}) and key in r.get(b, {})]
+    return (statistics.median(values), values) if values else (None, [])
+
+
+def fmt_ratio(rounds, a, b, key="s_per_step"):
+    med, values = ratio(rounds, a, b, key)
+    if med is None:
+        return "-"
+    return f"{med:.2f}x ({', '.join(f'{v:.2f}' for v in values)})"
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--latent", type=int, default=32)
+    parser.add_argument("--families", default=",".join(bc.FAMILIES))
+    parser.add_argument("--checkpointing", default="off,on")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
-    parser.add_argument("--targets", default="auto", help="Dojo's target preset (the built-in adapts every layer)")
-    parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in both trainers")
-    parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
+    parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     parser.add_argument("--variant", help=argparse.SUPPRESS)
+    parser.add_argument("--family", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
         print("RESULT " + json.dumps(child(args)))
         return
-    rows = []
-    for variant in ("floor", "dojo", "builtin"):
-        cmd = [sys.executable, __file__, "--variant", variant] + [
-            f"--{k}={v}" for k, v in (("steps", args.steps), ("batch", args.batch), ("latent", args.latent),
-                                       ("rank", args.rank), ("precision", args.precision), ("threads", args.threads),
-                                       ("targets", args.targets))]
-        if args.checkpointing:
-            cmd.append("--checkpointing")
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-        if not line:
-            print(f"{variant} failed:\n{proc.stderr[-3000:]}")
-            continue
-        rows.append(json.loads(line[-1][7:]))
-    by = {r["variant"]: r for r in rows}
-    print(f"\nSD1.5 tiny checkpoint (44 M UNet), latent {args.latent}x{args.latent}, batch {args.batch}, rank "
-          f"{args.rank}, Dojo targets {args.targets}, {args.precision}, checkpointing {'on' if args.checkpointing else 'off'}, {args.steps} steps, "
-          f"{args.threads} thread(s)")
-    print(f"{'variant':10s} {'s/step':>8s} {'peak RSS MB':>12s} {'training MB':>12s}")
-    for r in rows:
-        print(f"{r['variant']:10s} {r['s_per_step']:8.3f} {r['peak_rss_mb']:12.0f} "
-              f"{r['peak_rss_mb'] - r['rss_before_training_mb']:12.0f}")
-    if "dojo" in by and "floor" in by:
-        print(f"dojo / floor time:   {by['dojo']['s_per_step'] / by['floor']['s_per_step']:.2f}x (target <= 1.10x)")
-    if "dojo" in by and "builtin" in by:
-        print(f"dojo / built-in time: {by['dojo']['s_per_step'] / by['builtin']['s_per_step']:.2f}x (target <= 0.8x)")
-        print(f"dojo / built-in peak RSS: {by['dojo']['peak_rss_mb'] / by['builtin']['peak_rss_mb']:.2f}x (target <= 0.9x)")
+    families, settings = args.families.split(","), args.checkpointing.split(",")
+    variants = [v for v in VARIANTS if v in args.variants.split(",")]
+    configs = [(f, c) for f in families for c in settings]
+    results = {cfg: [] for cfg in configs}   # cfg -> [round: {variant: result}]
+    loads = {cfg: [] for cfg in configs}
+    version = None
+    for rnd in range(args.rounds):
+        print(f"round {rnd + 1}/{args.rounds}: load average {os.getloadavg()[0]:.2f}", flush=True)
+        for cfg in configs:
+            loads[cfg].append(os.getloadavg()[0])
+            order = variants[rnd % len(variants):] + variants[:rnd % len(variants)]  # rotate within the pair set
+            row = {}
+            for variant in order:
+                row[variant] = run_child(args, *cfg, variant)
+                version = row[variant].get("comfyui", version)
+            results[cfg].append(row)
+            print(f"  {cfg[0]:<14} ckpt {cfg[1]:<3} load {loads[cfg][-1]:.2f}: " + "  ".join(
+                f"{v} {r['s_per_step']:.3f}" if "s_per_step" in r else f"{v} {r.get('skipped') or 'FAILED: ' + r.get('failed', '')}"
+                for v, r in row.items()), flush=True)
+
+    print(f"\nComfyUI {version}, {args.threads} thread(s), bf16, batch {args.batch}, rank {args.rank}, "
+          f"{args.steps} steps per process ({args.steps - 2} timed), {args.rounds} rounds")
+    print(f"\n{'family':<14}{'ckpt':<5}{'variant':<16}{'cpu s':>8}{'wall s':>8}{'peak RSS':>10}{'train MB':>10}"
+          f"{'trainable':>11}  load per round")
+    for cfg in configs:
+        for variant in variants:
+            got = [r[variant] for r in results[cfg] if "s_per_step" in r.get(variant, {})]
+            if not got:
+                why = next((r[variant].get("skipped") or r[variant].get("failed") for r in results[cfg]), "")
+                print(f"{cfg[0]:<14}{cfg[1]:<5}{variant:<16}  {why}")
+                continue
+            med = lambda key: statistics.median(g[key] for g in got)  # noqa: E731
+            print(f"{cfg[0]:<14}{cfg[1]:<5}{variant:<16}{med('s_per_step'):>8.3f}{med('wall_s_per_step'):>8.3f}"
+                  f"{med('peak_rss_mb'):>10.0f}"
+                  f"{med('training_mb'):>10.0f}{got[0]['trainable']:>11,}  "
+                  + " ".join(f"{x:.1f}" for x in loads[cfg]))
+    print("\nPaired ratios of CPU s/step (peak RSS for the last column): median over rounds (per-round values)")
+    print(f"{'family':<14}{'ckpt':<5}{'dojo/floor':<26}{'dojo_all/floor':<26}{'dojo/builtin_bypass':<26}"
+          f"{'dojo/builtin':<26}{'dojo/bypass peak RSS':<24}")
+    for cfg in configs:
+        rounds = results[cfg]
+        print(f"{cfg[0]:<14}{cfg[1]:<5}{fmt_ratio(rounds, 'dojo', 'floor'):<26}{fmt_ratio(rounds, 'dojo_all', 'floor'):<26}"
+              f"{fmt_ratio(rounds, 'dojo', 'builtin_bypass'):<26}{fmt_ratio(rounds, 'dojo', 'builtin'):<26}"
+              f"{fmt_ratio(rounds, 'dojo', 'builtin_bypass', 'peak_rss_mb'):<24}")
 
 
 if __name__ == "__main__":

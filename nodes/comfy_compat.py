@@ -319,11 +319,14 @@ def apply_lora(model, clip, lora_state: dict, strength_model: float, strength_cl
     return comfy.sd.load_lora_for_models(model, clip, lora_state, strength_model, strength_clip)
 def _rope1(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
     """Interleaved RoPE (pair k = elements 2k, 2k+1) in plain, differentiable torch ops.
-    freqs_cis [..., L, D/2, 2, 2] holds each pair's 2x2 rotation."""
+    freqs_cis [..., L, D/2, 2, 2] holds each pair's 2x2 rotation. Written as two broadcast products
+    (out = R[..., 0] * x_even + R[..., 1] * x_odd) rather than one [..., 2, 2] product and a sum:
+    half the intermediate size, and no reduction in backward."""
     pairs = x.to(freqs_cis.dtype).reshape(*x.shape[:-1], -1, 1, 2)
     if freqs_cis.ndim > 2 and x.ndim > 2 and x.shape[2] != 1 and freqs_cis.shape[2] > x.shape[2]:
         freqs_cis = freqs_cis[:, :, :x.shape[2]]
-    return (freqs_cis * pairs).sum(-1).reshape(x.shape).type_as(x)
+    out = torch.addcmul(freqs_cis[..., 0] * pairs[..., 0], freqs_cis[..., 1], pairs[..., 1])
+    return out.reshape(x.shape).type_as(x)
 
 
 def _rope(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor):
@@ -345,6 +348,35 @@ def rope_substitutions() -> dict:
         for name in packet.overloads():
             subs[getattr(packet, name)] = replacement
     return subs
+
+
+def has_training_flag() -> bool:
+    """Whether this ComfyUI has `comfy.model_management.in_training` (0.33: models then take their own
+    differentiable paths, RoPE among them; 0.8 has no such flag)."""
+    return hasattr(comfy.model_management, "in_training")
+
+
+def training_substitutions() -> dict:
+    """The op substitutions a training region needs: none where ComfyUI's own training flag already
+    routes RoPE through differentiable torch ops, ours where it cannot (0.8)."""
+    return {} if has_training_flag() else rope_substitutions()
+
+
+@contextmanager
+def comfy_training_mode():
+    """Set ComfyUI's own `in_training` flag for the duration of a training region (as its TrainLoraNode
+    does around its loop) and put back the previous value, also on errors and cancel. A no-op where
+    the flag does not exist. The flag is process-global; ComfyUI runs one prompt at a time, and the
+    inference the flag is restored for runs after the region."""
+    if not has_training_flag():
+        yield False
+        return
+    previous = comfy.model_management.in_training
+    comfy.model_management.in_training = True
+    try:
+        yield True
+    finally:
+        comfy.model_management.in_training = previous
 
 
 # --- datasets: folders, VAE and text encoding -------------------------------------------------------

@@ -10,6 +10,7 @@ from torch import nn
 
 from ..training.block_swap import block_swap
 from ..training.grad_safety import protected_training
+from . import comfy_compat as cc
 from .comfy_compat import rope_substitutions
 
 # Flux and HunyuanVideo (comfy/ldm/flux/layers.py blocks): residuals are added in place in both.
@@ -65,15 +66,18 @@ log = logging.getLogger("comfyui-dojo")
 @contextlib.contextmanager
 def training_region(model, checkpointing: bool, blocks_to_swap: int = 0,
                     device: torch.device | str = "cpu"):
-    """Where a training step's forward and backward run: copy-on-write protection for models that
-    need it (or whenever blocks are checkpointed, so that recomputation is protected too), and with
-    `blocks_to_swap` > 0 the last that many blocks streamed to `device` from the CPU for each forward
-    (training.block_swap)."""
+    """Where a training step's forward and backward run: ComfyUI's own training flag where it has one
+    (0.33: its models then use differentiable RoPE; on 0.8 Dojo substitutes comfy-kitchen's op),
+    copy-on-write protection for models that write in place into saved tensors (also around their
+    checkpoint recomputation), block checkpointing when asked, and with `blocks_to_swap` > 0 the last
+    that many blocks streamed to `device` from the CPU for each forward (training.block_swap)."""
     with contextlib.ExitStack() as stack:
         stats = None
-        if checkpointing or needs_protection(model):
+        stack.enter_context(cc.comfy_training_mode())
+        protect = needs_protection(model)
+        if checkpointing or protect:
             stats = stack.enter_context(
-                protected_training(checkpoint_units(model), checkpointing, rope_substitutions()))
+                protected_training(checkpoint_units(model), checkpointing, cc.training_substitutions(), protect))
         if blocks_to_swap > 0:
             if not needs_protection(model):
                 # A UNet's input/output blocks are not called as modules (ComfyUI's forward_timestep_embed

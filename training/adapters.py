@@ -154,6 +154,19 @@ class AttachedAdapter:
                 a.copy_(down)
                 b.copy_(up / layer.scaling[ADAPTER_NAME])
 
+    def let_autocast_cast_inputs(self, enabled: bool) -> None:
+        """Under autocast, stop peft's LoRA layers from casting each input to the fp32 adapter dtype
+        (autocast casts it straight back to bf16 for the matmul: two full-size copies per layer and
+        step, forward and backward). The values are the same either way (bf16 -> fp32 -> bf16 is
+        exact), so the result is bit-identical; only the copies go. peft's own switch
+        (`cast_input_dtype_enabled`, see peft.helpers.disable_input_dtype_casting) is used, on plain
+        LoRA layers only. Without autocast the casts are needed (bf16 base, fp32 adapter)."""
+        if AdapterType(self.config.kind) is not AdapterType.LORA:
+            return
+        for layer in self.layers().values():
+            if hasattr(layer, "cast_input_dtype_enabled"):
+                layer.cast_input_dtype_enabled = not enabled
+
     def detach(self) -> None:
         """Put every original module back; safe to call twice."""
         for name, original in self.originals.items():

@@ -14,7 +14,11 @@ model code and without global state:
   wrong gradient.
 * `checkpoint_blocks(blocks)` replaces each block's `forward` (an instance attribute, deleted again on
   exit) by a checkpoint that runs the block on copies of its inputs (the block may overwrite them), and
-  recomputes it in backward under `copy_on_write_saved_tensors()`.
+  recomputes it in backward under `copy_on_write_saved_tensors()`. With `protect=False` (blocks known
+  not to write in place, such as a UNet's) it skips the copies and the protection: autograd's own
+  version checks then still raise on any such write, so a wrong gradient is never silent. A block
+  through which no gradient can flow (no input and no parameter requires grad) runs plainly: there
+  is nothing to recompute.
 * `protected_training(blocks, checkpointing)` combines the two. Nothing stays installed after it exits.
 
 Gradients of parameters used inside checkpointed blocks are accumulated into `.grad` by the recompute,
@@ -47,11 +51,8 @@ _INPLACE_DUNDERS = frozenset({"__setitem__", "__iadd__", "__isub__", "__imul__",
 def _written_tensors(func, args, kwargs) -> list[torch.Tensor]:
     """The tensors an op writes into: `self` of an in-place op, and `out=` arguments."""
     written = []
-    name = getattr(func, "__name__", "")
-    if args and isinstance(args[0], torch.Tensor):
-        if name in _INPLACE_DUNDERS or (name.endswith("_") and not name.startswith("_")
-                                        and name not in _NOT_DATA_WRITES):
-            written.append(args[0])
+    if args and isinstance(args[0], torch.Tensor) and _writes_self(func):
+        written.append(args[0])
     out = kwargs.get("out") if kwargs else None
     if isinstance(out, torch.Tensor):
         written.append(out)
@@ -85,6 +86,21 @@ class _Saved:
         self.description = f"{tuple(tensor.shape)} {tensor.dtype}"
 
 
+# func -> whether its name says it writes `self` (decided once per op: this mode sees every op, and
+# its Python cost per op is most of what the protection costs).
+_WRITES_SELF: dict = {}
+
+
+def _writes_self(func) -> bool:
+    known = _WRITES_SELF.get(func)
+    if known is None:
+        name = getattr(func, "__name__", "")
+        known = name in _INPLACE_DUNDERS or (name.endswith("_") and not name.startswith("_")
+                                             and name not in _NOT_DATA_WRITES)
+        _WRITES_SELF[func] = known
+    return known
+
+
 class _CopyOnWriteMode(TorchFunctionMode):
     def __init__(self, registry: dict, substitutions: Mapping[Callable, Callable]):
         super().__init__()
@@ -93,10 +109,14 @@ class _CopyOnWriteMode(TorchFunctionMode):
         self.copies = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        replacement = self.substitutions.get(func)
-        if replacement is not None:
-            return replacement(*args, **kwargs)
+        if self.substitutions:
+            replacement = self.substitutions.get(func)
+            if replacement is not None:
+                return replacement(*args, **(kwargs or {}))
+        if not kwargs:
+            if not (args and _writes_self(func) and isinstance(args[0], torch.Tensor)):
+                return func(*args)  # the common case: an op that writes nothing
+            kwargs = {}
         for target in _written_tensors(func, args, kwargs):
             key = _storage_key(target)
             holders = self.registry.get(key) if key is not None else None
@@ -181,21 +201,26 @@ def _autocast(state):
         yield
 
 
+def _same(t):
+    return t
+
+
 class _BlockCheckpoint(torch.autograd.Function):
     """Forward without keeping activations; backward recomputes the block with saved tensors protected.
 
     Inputs: (run, box, anchor, *tensors). `run(tensors)` calls the block; `box` carries non-tensor
-    state both ways (the substitutions in, the output structure out); `anchor` is an empty tensor that
-    requires grad so that backward runs even when no input does (the block's own trainable weights
-    still need it)."""
+    state both ways (the substitutions and the protect flag in, the output structure out); `anchor` is
+    an empty tensor that requires grad so that backward runs even when no input does (the block's own
+    trainable weights still need it)."""
 
     @staticmethod
     def forward(ctx, run, box, anchor, *tensors):
         ctx.run, ctx.box = run, box
         ctx.autocast = _autocast_state()
         ctx.save_for_backward(*tensors)  # autograd checks their versions: a later overwrite raises
+        copy = _clone_input if box["protect"] else _same
         with torch.no_grad():
-            outputs = run([_clone_input(t) for t in tensors])
+            outputs = run([copy(t) for t in tensors])
         flat, box["out_spec"] = pytree.tree_flatten(outputs)
         box["out_values"] = [None if isinstance(o, torch.Tensor) else o for o in flat]
         return tuple(o for o in flat if isinstance(o, torch.Tensor))
@@ -204,9 +229,10 @@ class _BlockCheckpoint(torch.autograd.Function):
     def backward(ctx, *grads):
         leaves = [t.detach().requires_grad_(t.requires_grad) if t.is_floating_point() else t.detach()
                   for t in ctx.saved_tensors]
-        with torch.enable_grad(), _autocast(ctx.autocast), \
-                copy_on_write_saved_tensors(ctx.box["substitutions"]):
-            outputs = ctx.run([_clone_input(t) for t in leaves], recompute=True)
+        protect = ctx.box["protect"]
+        region = (copy_on_write_saved_tensors if protect else _substituted)(ctx.box["substitutions"])
+        with torch.enable_grad(), _autocast(ctx.autocast), region:  # copies made here stay on the graph
+            outputs = ctx.run([_clone_input(t) for t in leaves] if protect else leaves, recompute=True)
         flat = [o for o in pytree.tree_leaves(outputs) if isinstance(o, torch.Tensor)]
         pairs = [(o, g) for o, g in zip(flat, grads) if g is not None and o.requires_grad]
         if pairs:
@@ -230,12 +256,16 @@ def _recomputation():
         _recompute.depth -= 1
 
 
-def _checkpointed_forward(block: nn.Module, original: Callable, substitutions: Mapping):
+def _checkpointed_forward(block: nn.Module, original: Callable, substitutions: Mapping, protect: bool):
     def forward(*args, **kwargs):
         if not torch.is_grad_enabled() or _recomputing():
             return original(*args, **kwargs)
         flat, tree = pytree.tree_flatten((args, kwargs))
         slots = [i for i, x in enumerate(flat) if isinstance(x, torch.Tensor)]
+        if not any(flat[i].requires_grad for i in slots) and not any(p.requires_grad for p in block.parameters()):
+            # No gradient can flow through this call (e.g. a UNet's first blocks under a LoRA that
+            # starts later): autograd saves nothing for it, so there is nothing to recompute.
+            return original(*args, **kwargs)
 
         def run(tensors, recompute=False):
             filled = list(flat)
@@ -249,7 +279,7 @@ def _checkpointed_forward(block: nn.Module, original: Callable, substitutions: M
             with _recomputation():
                 return block(*call_args, **call_kwargs)
 
-        box = {"substitutions": substitutions}
+        box = {"substitutions": substitutions, "protect": protect}
         anchor = torch.empty(0, requires_grad=True)
         outs = iter(_BlockCheckpoint.apply(run, box, anchor, *[flat[i] for i in slots]))
         rebuilt = [next(outs) if value is None else value for value in box["out_values"]]
@@ -265,9 +295,17 @@ def op_substitutions(substitutions: Mapping[Callable, Callable]):
         yield
 
 
+def _substituted(substitutions: Mapping[Callable, Callable]):
+    """op_substitutions, or nothing at all (no per-op Python dispatch) when there are none."""
+    return op_substitutions(substitutions) if substitutions else contextlib.nullcontext()
+
+
 @contextlib.contextmanager
-def checkpoint_blocks(blocks: Iterable[nn.Module], substitutions: Mapping[Callable, Callable] | None = None):
-    """Gradient-checkpoint each block, with its inputs copied and its saved tensors protected.
+def checkpoint_blocks(blocks: Iterable[nn.Module], substitutions: Mapping[Callable, Callable] | None = None,
+                      protect: bool = True):
+    """Gradient-checkpoint each block, with its inputs copied and its saved tensors protected (with
+    `protect`; without, for blocks that never write in place, plain recomputation that autograd's
+    version checks still guard).
 
     Installs an instance-level `forward` on each block and removes it on exit (also on errors)."""
     subs = dict(substitutions or {})
@@ -277,7 +315,7 @@ def checkpoint_blocks(blocks: Iterable[nn.Module], substitutions: Mapping[Callab
             if "forward" in vars(block):
                 raise RuntimeError(f"{type(block).__name__} already has an instance-level forward; "
                                    "refusing to stack checkpoint wrappers")
-            block.forward = _checkpointed_forward(block, type(block).forward.__get__(block), subs)
+            block.forward = _checkpointed_forward(block, type(block).forward.__get__(block), subs, protect)
             installed.append(block)
         yield
     finally:
@@ -287,17 +325,25 @@ def checkpoint_blocks(blocks: Iterable[nn.Module], substitutions: Mapping[Callab
 
 @contextlib.contextmanager
 def protected_training(blocks: Iterable[nn.Module], checkpointing: bool,
-                       substitutions: Mapping[Callable, Callable] | None = None):
+                       substitutions: Mapping[Callable, Callable] | None = None, protect: bool = True):
     """Run forward passes whose gradients are correct despite in-place ops on saved tensors.
 
     All saved tensors of the region are copy-on-write protected; with `checkpointing`, each of `blocks`
     is also checkpointed (activations recomputed in backward, under the same protection). Call
     `loss.backward()` inside or after the region; nothing stays installed once it exits. Yields the
-    region's statistics (saved tensors seen, copies made)."""
+    region's statistics (saved tensors seen, copies made).
+
+    `protect=False` is for models known not to write in place into saved tensors (SD UNets): only the
+    checkpointing and the substitutions are installed, no per-op protection (yields None). Autograd's
+    own version checks still turn any such write into an error, never into a wrong gradient."""
     with contextlib.ExitStack() as stack:
         if checkpointing:
-            stack.enter_context(checkpoint_blocks(blocks, substitutions))
-        yield stack.enter_context(copy_on_write_saved_tensors(substitutions))
+            stack.enter_context(checkpoint_blocks(blocks, substitutions, protect))
+        if protect:
+            yield stack.enter_context(copy_on_write_saved_tensors(substitutions))
+        else:
+            stack.enter_context(_substituted(dict(substitutions or {})))
+            yield None
 
 
 @contextlib.contextmanager

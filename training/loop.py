@@ -135,6 +135,7 @@ def train(model: DenoisingModel, adapter: AttachedAdapter, data: BatchSchedule, 
     shift = config.shift if config.shift is not None else model.schedule.shift
     use_bf16 = config.precision is Precision.BF16
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    adapter.let_autocast_cast_inputs(use_bf16)
 
     while state.step < config.steps:
         if callbacks.should_stop is not None and callbacks.should_stop():

@@ -117,6 +117,9 @@ class EmbeddingVectors:
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.vectors.items()}
 
+    def let_autocast_cast_inputs(self, enabled: bool) -> None:
+        """Part of the adapter interface; plain vectors have no layer inputs to cast."""
+
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if set(state) != set(self.vectors):
             raise ValueError(f"embedding state has keys {sorted(state)}, expected {sorted(self.vectors)}")

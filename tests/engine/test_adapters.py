@@ -124,3 +124,29 @@ def test_exported_factors_reproduce_the_adapted_output(kind):
     if kind is AdapterType.LOHA:  # the Hadamard product of two rank-2 factors spans at most 4 directions
         assert max(down.shape[0] for down, _ in factors.values()) <= 4
     adapter.detach()
+
+
+def test_autocast_input_casts_can_go_without_changing_a_bit():
+    """Under bf16 autocast peft casts each LoRA input to fp32 and autocast casts it back; skipping that
+    round trip (exact in value) must leave outputs and gradients bit-identical."""
+    results = []
+    for skip in (False, True):
+        model = tiny_unet_model()
+        adapter = attach_adapter(model.unet, model.adaptable_modules(TargetPreset.ATTENTION_MLP),
+                                 AdapterConfig(rank=4, alpha=4), seed=3)
+        with torch.no_grad():
+            for p in adapter.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        adapter.let_autocast_cast_inputs(skip)
+        g = torch.Generator().manual_seed(5)
+        x = torch.randn(2, 4, 8, 8, generator=g)
+        cond = Conditioning(torch.randn(2, 5, 32, generator=g))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model.predict(x, torch.tensor([0.3, 0.7]), cond)
+        out.float().pow(2).mean().backward()
+        results.append((out.detach(), [p.grad.clone() for p in adapter.parameters()]))
+        adapter.detach()
+    (out_a, grads_a), (out_b, grads_b) = results
+    assert torch.equal(out_a, out_b)
+    assert len(grads_a) > 4 and all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
+    assert any(a.abs().max() > 0 for a in grads_a)

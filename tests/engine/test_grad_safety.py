@@ -191,3 +191,42 @@ def test_checkpointed_blocks_train_when_no_input_requires_grad():
         block(x.clone(), 1.0).sum().backward()
     ref(x, 1.0).sum().backward()
     torch.testing.assert_close(block.fc1.weight.grad, ref.fc1.weight.grad)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_unprotected_checkpointing_of_out_of_place_blocks_is_exact(checkpointing):
+    """protect=False (what a UNet gets): checkpointing alone, no per-op protection, exact gradients."""
+    model, reference, x = make_pair()
+    torch.manual_seed(1)
+    plain = Toy(out_of_place=True).double()
+    plain.load_state_dict(model.state_dict())
+    plain.inp.requires_grad_(False)
+    with protected_training(plain.blocks, checkpointing=checkpointing, protect=False) as stats:
+        got = grads(plain, x)
+    assert stats is None
+    assert_grads_equal(got, grads(reference, x))
+
+
+def test_unprotected_checkpointing_of_in_place_blocks_raises_instead_of_a_wrong_gradient():
+    model, _, x = make_pair()
+    with pytest.raises(RuntimeError, match="inplace|in-place"):
+        with protected_training(model.blocks, checkpointing=True, protect=False):
+            grads(model, x)
+
+
+def test_blocks_no_gradient_flows_through_are_not_recomputed():
+    """A block whose inputs and weights all are frozen saves nothing for backward: it runs once; the
+    blocks after it (trainable) run twice, and the gradients stay exact."""
+    model, reference, x = make_pair()
+    for m in (model, reference):
+        m.blocks[0].requires_grad_(False)
+    calls = []
+    hooks = [b.register_forward_pre_hook(lambda m, a, i=i: calls.append(i)) for i, b in enumerate(model.blocks)]
+    try:
+        with protected_training(model.blocks, checkpointing=True):
+            got = grads(model, x)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert sorted(calls) == [0, 1, 1, 2, 2]
+    assert_grads_equal(got, grads(reference, x))
