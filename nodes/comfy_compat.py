@@ -220,6 +220,10 @@ def output_directory() -> str:
     return folder_paths.get_output_directory()
 
 
+def user_directory() -> str:
+    return folder_paths.get_user_directory()
+
+
 def lora_directories() -> list[str]:
     return folder_paths.get_folder_paths("loras")
 

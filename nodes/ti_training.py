@@ -25,6 +25,7 @@ from ..training.textual_inversion import (FAMILY_ENCODERS, CaptionMode, Embeddin
                                           caption_sample, initial_vectors, training_captions)
 from . import comfy_compat as cc
 from .comfy_model import trainable_view
+from .failures import training_failures
 from .grad_protection import training_region
 from .progress import TrainingProgress
 
@@ -151,8 +152,8 @@ def train_embedding(model_patcher, clip, latents: list[torch.Tensor], captions: 
             state = TrainState(step, losses)
             progress.start_at(step, losses)
         callbacks = Callbacks(on_step=progress.on_step, should_stop=progress.should_stop,
-                              on_checkpoint=checkpoints.write)
-        with training_region(patcher, False):
+                              on_checkpoint=checkpoints.write, is_cancel=cc.is_interrupt)
+        with training_failures(checkpoints, progress), training_region(patcher, False):
             state, optimizer, scheduler = train(
                 model, vectors, BatchSchedule(samples, job.batch_size, job.train.seed), job.train, device=device,
                 state=state, optimizer_state=optimizer_state, callbacks=callbacks,
