@@ -18,7 +18,7 @@ from ..training.batches import BatchSchedule, Sample
 from ..training.checkpoints import RunCheckpoints
 from ..training.encoded import EncodedDataset
 from ..training.loop import Callbacks, TrainConfig, TrainState, train
-from ..training.lora_formats import factors_from_state_dict, lora_state_dict
+from ..training.lora_formats import check_lora_tensors, factors_from_state_dict, lora_state_dict
 from ..training.protocol import Family, TargetPreset
 from . import comfy_compat as cc
 from .comfy_model import trainable_view
@@ -82,6 +82,8 @@ def train_lora(model_patcher, dataset: EncodedDataset, job: LoraJob) -> LoraResu
     with trainable_view(model_patcher) as view:
         patcher = view.patcher
         device = cc.compute_device(patcher)
+        for shape in {tuple(s.latent.shape): s.latent for s in dataset.samples}.values():
+            cc.check_latents_fit(patcher, view.family, shape)
         samples = [Sample(cc.process_latent_in(patcher, s.latent[None].float())[0], s.cond) for s in dataset.samples]
         run = run_identity(job, view.family, dataset)
         adapter = attach_adapter(view.diffusion_model, view.adaptable_modules(job.targets), job.adapter,
@@ -92,6 +94,7 @@ def train_lora(model_patcher, dataset: EncodedDataset, job: LoraJob) -> LoraResu
         try:
             state, optimizer_state = TrainState(), None
             if job.init_lora is not None:
+                check_lora_tensors(dict(job.init_lora), "continue_from")
                 adapter.load_low_rank_factors(factors_from_state_dict(
                     view.family, dict(job.init_lora), list(adapter.originals), diffusers_names))
             if job.resume_from is not None:

@@ -27,6 +27,7 @@ from . import comfy_compat as cc
 from .comfy_model import trainable_view
 from .failures import training_failures
 from .grad_protection import training_region
+from .paths import check_name_text
 from .progress import TrainingProgress
 
 log = logging.getLogger("comfyui-dojo")
@@ -71,6 +72,7 @@ class EmbeddingResult:
 
 def check_embedding_name(name: str) -> str:
     name = (name or "").strip()
+    check_name_text(name, "embedding_name")
     if not name or any(c.isspace() for c in name) or any(c in name for c in ",()[]<>:\\/"):
         raise ValueError(f"embedding name '{name}' cannot be used in a prompt as embedding:<name>; use letters, "
                          "digits, '_' or '-' (e.g. my_cat)")
@@ -125,6 +127,8 @@ def train_embedding(model_patcher, clip, latents: list[torch.Tensor], captions: 
         chunks = {c: cc.clip_token_chunks(train_clip, c) for c in unique}
         index = {c: i for i, c in enumerate(unique)}
         samples, sample_captions = [], []
+        for latent in {tuple(x.shape): x for x in latents}.values():
+            cc.check_latents_fit(patcher, family, latent)
         for latent, cs in zip(latents, per_item):
             model_latent = cc.process_latent_in(patcher, latent[None].float().clone())[0]
             for c in cs:
