@@ -73,7 +73,7 @@ class EmbeddingResult:
 def check_embedding_name(name: str) -> str:
     name = (name or "").strip()
     check_name_text(name, "embedding_name")
-    if not name or any(c.isspace() for c in name) or any(c in name for c in ",()[]<>:\\/"):
+    if not name or name.startswith(".") or any(c.isspace() for c in name) or any(c in name for c in ",()[]<>:\\/"):
         raise ValueError(f"embedding name '{name}' cannot be used in a prompt as embedding:<name>; use letters, "
                          "digits, '_' or '-' (e.g. my_cat)")
     return name
