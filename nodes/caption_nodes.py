@@ -109,7 +109,7 @@ class DojoWriteCaptions(io.ComfyNode):
                         "not write to is copied into output/dojo_datasets with the captions.",
             inputs=[
                 DatasetType.Input("dataset", tooltip="A captioned dataset (e.g. from Dojo Set Captions)."),
-                io.Boolean.Input("overwrite", default=False, tooltip="Replace existing .txt caption files."),
+                io.Boolean.Input("overwrite", default=False, tooltip="Replace existing .txt caption files (each old one is kept as name.txt.bak)."),
                 io.Boolean.Input("write_to_copy", default=False,
                                  tooltip="Copy the dataset into output/dojo_datasets and write there instead."),
             ],
@@ -125,6 +125,8 @@ class DojoWriteCaptions(io.ComfyNode):
         where = f"a copy in {copy_to}" if report.copied else f"{dataset.root.name}/"
         text = (f"wrote {len(report.written)} caption files to {where}; kept {len(report.kept)} existing "
                 f"(overwrite is off)" if report.kept else f"wrote {len(report.written)} caption files to {where}")
+        if report.backups:
+            text += f"; the {len(report.backups)} replaced caption files are kept as .txt.bak beside them"
         log.info("Dojo: %s", text)
         return io.NodeOutput(text, ui={"text": [text]})
 

@@ -146,6 +146,23 @@ def materialize_inference_tensors(module: torch.nn.Module) -> int:
     return replaced
 
 
+FAMILY_LABELS = {Family.SD15: "SD1.5", Family.SDXL: "SDXL", Family.FLUX: "Flux", Family.HUNYUAN_VIDEO: "HunyuanVideo"}
+
+
+def check_latents_fit(model_patcher, family: Family, latent: torch.Tensor) -> None:
+    """Refuse latents (one sample, no batch dimension) made by another family's VAE, in words, before a
+    torch shape error deep in the model could say it less clearly."""
+    want = model_patcher.model.latent_format.latent_channels
+    video = family is Family.HUNYUAN_VIDEO
+    want_dims = 4 if video else 3   # [C, T, H, W] for video models, [C, H, W] for image models
+    if latent.shape[0] == want and latent.ndim == want_dims:
+        return
+    made = f"a {latent.shape[0]}-channel {'video' if latent.ndim == 4 else 'image'} VAE"
+    raise ValueError(f"these latents come from {made}; this {FAMILY_LABELS.get(family, family.value)} model needs "
+                     f"its own {want}-channel {'video ' if video else ''}VAE: encode the dataset (Dojo Encode Dataset) "
+                     "with the VAE that belongs to the model you train")
+
+
 def process_latent_in(model_patcher, latent: torch.Tensor) -> torch.Tensor:
     """VAE latents -> the model's latent space (scale/shift of its latent format)."""
     return model_patcher.model.process_latent_in(latent)
@@ -222,6 +239,10 @@ def torch_device():
 
 def output_directory() -> str:
     return folder_paths.get_output_directory()
+
+
+def user_directory() -> str:
+    return folder_paths.get_user_directory()
 
 
 def lora_directories() -> list[str]:

@@ -30,6 +30,7 @@ from ..training.encoded import EncodedDataset
 from ..training.protocol import Conditioning
 from . import comfy_compat as cc
 from .comfy_compat import io
+from .failures import out_of_memory_as
 from .types import DatasetType, EncodedDatasetType
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,8 @@ DOJO_ENCODED_DATASET = EncodedDatasetType
 ROOT_PREFIX = cc.DATASET_FOLDER_KEY + "/"
 PREVIEW_ITEMS = 16
 CACHE_DIR_NAME = "dojo_cache"
+ENCODE_LOWER = ("the dataset's resolution / max_side (Dojo Load Image Dataset), the clip frame count for "
+                "videos, or split the folder")
 
 cc.register_dataset_folders()
 
@@ -405,7 +408,10 @@ class DojoEncodeDataset(io.ComfyNode):
         cache = EncodeCache(Path(cc.output_directory()) / CACHE_DIR_NAME) if cache_to_disk else None
         captions = len({c for per_item in epoch0_captions(dataset) for c in per_item})
         progress = cc.progress_bar(len(dataset.items) + captions)
-        encoded = encode_dataset(dataset, vae, clip, cache, progress)
+        with out_of_memory_as("encoding the dataset with the VAE and text encoder", ENCODE_LOWER):
+            encoded = encode_dataset(dataset, vae, clip, cache, progress)
         text = encode_summary(encoded)
+        if cache is not None and cache.warning:
+            text += f"\nwarning: {cache.warning}"
         log.info("Dojo Encode Dataset: %s", text)
         return io.NodeOutput(encoded, ui={"text": [text]})

@@ -9,7 +9,6 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..training.checkpoints import latest_checkpoint
 from ..training.files import next_free_path, save_safetensors_new
 from ..training.loop import LRSchedule, Precision, TrainConfig
 from ..training.loss_plot import render_loss_plot
@@ -20,10 +19,11 @@ from ..training.timesteps import TimestepSampling
 from . import comfy_compat as cc
 from .comfy_compat import io, ui
 from .comfy_model import ComfyDenoisingModel
-from .dataset_nodes import CACHE_DIR_NAME, encode_latents, epoch0_captions
+from .dataset_nodes import CACHE_DIR_NAME, ENCODE_LOWER, encode_latents, epoch0_captions
 from .paths import resolve_inside
 from .ti_training import DojoEmbedding, EmbeddingJob, check_embedding_name, train_embedding
-from .train_lora import AUTO, checkpoint_root, image_tensor, loss_map
+from .failures import out_of_memory_as, report_cancel
+from .train_lora import AUTO, checkpoint_root, image_tensor, loss_map, run_folders
 from .types import DatasetType, EmbeddingType
 
 log = logging.getLogger("comfyui-dojo")
@@ -112,19 +112,12 @@ class DojoTrainTextualInversion(io.ComfyNode):
             timestep_sampling=sampling, precision=Precision(precision), seed=seed,
             weight_decay=0.0)  # decay would pull the vectors towards zero norm, away from real token embeddings
         root = checkpoint_root()
-        if resume_from and resume_from.strip():
-            resume = resolve_inside(root, resume_from.strip(), "resume_from")
-            if not resume.exists():
-                raise FileNotFoundError(f"resume_from '{resume_from}' does not exist in {root}; "
-                                        "pick a run folder written by an earlier Dojo Train Textual Inversion")
-            run_dir = resume if latest_checkpoint(resume) is not None else resume.parent
-        else:
-            resume = None
-            run_dir = next_free_path(root, resolve_inside(root, run_name or "dojo_embedding", "run_name").name, "")
+        folders = run_folders(root, resume_from, run_name, "dojo_embedding", "Dojo Train Textual Inversion")
         from ..training.encode_cache import EncodeCache
         cache = EncodeCache(Path(cc.output_directory()) / CACHE_DIR_NAME) if cache_latents_to_disk else None
         per_item = epoch0_captions(dataset)
-        item_latents = encode_latents(dataset, vae, cache, cc.progress_bar(len(dataset.items)))
+        with out_of_memory_as("encoding the dataset with the VAE", ENCODE_LOWER):
+            item_latents = encode_latents(dataset, vae, cache, cc.progress_bar(len(dataset.items)))
         latents, texts = [], []
         for latent, variants in zip(item_latents, per_item):
             for caption in variants:  # repeats share one latent tensor
@@ -136,13 +129,11 @@ class DojoTrainTextualInversion(io.ComfyNode):
             extra["dojo_trigger_word"] = trigger
         job = EmbeddingJob(name=name, train=train_config, num_vectors=num_vectors, init_word=init_word,
                            caption_mode=CaptionMode(captions), trigger_word=trigger, batch_size=batch_size,
-                           checkpoint_every=checkpoint_every, checkpoint_dir=run_dir, resume_from=resume,
+                           checkpoint_every=checkpoint_every, checkpoint_dir=folders.run_dir, resume_from=folders.resume,
                            extra_metadata=extra)
         result = train_embedding(model, clip, latents, texts, job)
         if result.cancelled:
-            log.warning("Dojo: training cancelled at step %d of %d; what was trained is kept in %s "
-                        "(set resume_from to '%s' to continue)", result.steps_done, steps, result.last_checkpoint,
-                        run_dir.relative_to(root))
+            report_cancel(result.steps_done, steps, result.last_checkpoint, folders.run_dir, root)
             cc.raise_interrupt()
         image = image_tensor(render_loss_plot(result.losses, title="Dojo embedding loss"))
         return io.NodeOutput(result.embedding, loss_map(result.losses), image, ui=ui.PreviewImage(image, cls=cls))

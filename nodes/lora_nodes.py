@@ -9,9 +9,11 @@ import torch
 
 from .. import __version__
 from ..training.files import next_free_path, save_safetensors_new
+from ..training.lora_formats import check_lora_tensors
 from ..training.sharing import sharing_metadata
 from . import comfy_compat as cc
 from .comfy_compat import io
+from .failures import out_of_memory_as
 from .lora_training import DojoLoRA
 from .paths import resolve_inside
 
@@ -25,6 +27,7 @@ class LoraDoesNotFit(ValueError):
 
 def apply_checked(model, clip, lora: dict, strength_model: float, strength_clip: float):
     """Apply through ComfyUI's own LoRA path; refuse (applying nothing) if any key fits no layer."""
+    check_lora_tensors(dict(lora), "Dojo Apply LoRA")
     family = getattr(lora, "metadata", {}).get("dojo_family")
     if family and model is not None:
         try:
@@ -114,7 +117,8 @@ class DojoSaveLoRA(io.ComfyNode):
             metadata["dojo_base_model"] = metadata["ss_sd_model_name"] = base_model_name
         metadata = sharing_metadata("lora", metadata, *cc.hidden_graph(cls))
         dtype = SAVE_DTYPES[save_dtype]
-        save_safetensors_new(path, {k: v.to(dtype) for k, v in lora.items()}, metadata)
+        with out_of_memory_as("saving the LoRA", "save_dtype (fp16 needs half of fp32) or the rank it was trained with"):
+            save_safetensors_new(path, {k: v.to(dtype) for k, v in lora.items()}, metadata)
         relative = str(path.relative_to(root))
         log.info("Dojo: saved LoRA to %s", path)
         return io.NodeOutput(relative, ui={"text": [relative]})
@@ -128,9 +132,11 @@ def read_lora_file(path: Path) -> DojoLoRA:
         try:
             with safetensors.safe_open(str(path), "pt") as f:
                 metadata = f.metadata() or {}
-            return DojoLoRA(safetensors.torch.load_file(str(path)), metadata)
+            tensors = safetensors.torch.load_file(str(path))
         except Exception as e:
             raise ValueError(f"cannot read LoRA file {path.name}: {e}. Is it a complete .safetensors file?") from e
+        check_lora_tensors(tensors, f"LoRA file {path.name}")
+        return DojoLoRA(tensors, metadata)
     try:
         data = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
@@ -138,6 +144,7 @@ def read_lora_file(path: Path) -> DojoLoRA:
                          f"torch.load(weights_only=True) ({type(e).__name__}). Convert it to .safetensors.") from e
     if not isinstance(data, dict) or not all(torch.is_tensor(v) for v in data.values()):
         raise ValueError(f"{path.name} does not hold a plain dictionary of tensors")
+    check_lora_tensors(data, f"LoRA file {path.name}")
     return DojoLoRA(data, {})
 
 

@@ -12,29 +12,21 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 
 from ..training.adapters import AdapterConfig, AdapterType, attach_adapter
 from ..training.batches import BatchSchedule, Sample
 from ..training.checkpoints import RunCheckpoints
 from ..training.encoded import EncodedDataset
 from ..training.loop import Callbacks, TrainConfig, TrainState, train
-from ..training.lora_formats import factors_from_state_dict, lora_state_dict
+from ..training.lora_formats import check_lora_tensors, factors_from_state_dict, lora_state_dict
 from ..training.protocol import Family, TargetPreset
 from . import comfy_compat as cc
 from .comfy_model import trainable_view
+from .failures import training_failures
 from .grad_protection import training_region
 from .progress import TrainingProgress
 
 log = logging.getLogger("comfyui-dojo")
-
-
-class TrainingOutOfMemory(RuntimeError):
-    def __init__(self, step: int, kept: Path | None):
-        where = f"the checkpoint {kept} is kept" if kept else "no checkpoint had been written yet"
-        super().__init__(f"out of memory at training step {step}. Lower batch_size, the dataset resolution or "
-                         f"rank, turn gradient_checkpointing on, or close other programs; {where}.")
-        self.step = step
 
 
 class DojoLoRA(dict):
@@ -90,6 +82,8 @@ def train_lora(model_patcher, dataset: EncodedDataset, job: LoraJob) -> LoraResu
     with trainable_view(model_patcher) as view:
         patcher = view.patcher
         device = cc.compute_device(patcher)
+        for shape in {tuple(s.latent.shape): s.latent for s in dataset.samples}.values():
+            cc.check_latents_fit(patcher, view.family, shape)
         samples = [Sample(cc.process_latent_in(patcher, s.latent[None].float())[0], s.cond) for s in dataset.samples]
         run = run_identity(job, view.family, dataset)
         adapter = attach_adapter(view.diffusion_model, view.adaptable_modules(job.targets), job.adapter,
@@ -100,6 +94,7 @@ def train_lora(model_patcher, dataset: EncodedDataset, job: LoraJob) -> LoraResu
         try:
             state, optimizer_state = TrainState(), None
             if job.init_lora is not None:
+                check_lora_tensors(dict(job.init_lora), "continue_from")
                 adapter.load_low_rank_factors(factors_from_state_dict(
                     view.family, dict(job.init_lora), list(adapter.originals), diffusers_names))
             if job.resume_from is not None:
@@ -107,19 +102,13 @@ def train_lora(model_patcher, dataset: EncodedDataset, job: LoraJob) -> LoraResu
                 state = TrainState(step, losses)
                 progress.start_at(step, losses)
             callbacks = Callbacks(on_step=progress.on_step, should_stop=progress.should_stop,
-                                  on_checkpoint=checkpoints.write)
-            try:
-                with training_region(patcher, job.gradient_checkpointing, job.blocks_to_swap, device):
-                    state, optimizer, scheduler = train(
-                        view, adapter, BatchSchedule(samples, batch_size, job.train.seed), job.train, device=device,
-                        state=state, optimizer_state=optimizer_state, callbacks=callbacks,
-                        checkpoint_every=job.checkpoint_every)
-            except (torch.OutOfMemoryError, MemoryError) as e:
-                raise TrainingOutOfMemory(len(progress.losses) + 1, checkpoints.last) from e
-            except RuntimeError as e:
-                if "out of memory" not in str(e) and "can't allocate memory" not in str(e):
-                    raise
-                raise TrainingOutOfMemory(len(progress.losses) + 1, checkpoints.last) from e
+                                  on_checkpoint=checkpoints.write, is_cancel=cc.is_interrupt)
+            with training_failures(checkpoints, progress), \
+                    training_region(patcher, job.gradient_checkpointing, job.blocks_to_swap, device):
+                state, optimizer, scheduler = train(
+                    view, adapter, BatchSchedule(samples, batch_size, job.train.seed), job.train, device=device,
+                    state=state, optimizer_state=optimizer_state, callbacks=callbacks,
+                    checkpoint_every=job.checkpoint_every)
             cancelled = state.step < job.train.steps
             checkpoints.write_final(state, optimizer, scheduler)
             tensors = lora_state_dict(view.family, adapter.export_factors(), diffusers_names)

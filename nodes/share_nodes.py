@@ -12,13 +12,13 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..training.files import new_folder, save_safetensors_new, write_new_file
-from ..training.hub import PublishError, publish_folder
+from ..training.files import next_free_path, save_safetensors_new, write_new_file, write_new_folder
+from ..training.hub import PublishError, publish_allowed, publish_disabled_message, publish_folder
 from ..training.model_card import LICENSES, CardInput, model_card
 from ..training.sharing import WORKFLOW_KEY, describe_metadata, scrub, sharing_metadata
 from . import comfy_compat as cc
 from .comfy_compat import io
-from .paths import resolve_inside
+from .paths import check_name_text, resolve_inside
 
 log = logging.getLogger("comfyui-dojo")
 NONE = "none"
@@ -160,6 +160,7 @@ class DojoExportModelCard(io.ComfyNode):
     @classmethod
     def execute(cls, name, license, strength, lora=None, lora_name=NONE, samples=None, animate_over=8, fps=24.0,
                 trigger_word="", base_model_repo="") -> io.NodeOutput:
+        check_name_text(name or "", "name")
         stem = safe_name(name)
         prompt, extra = cc.hidden_graph(cls)
         source = None
@@ -171,32 +172,37 @@ class DojoExportModelCard(io.ComfyNode):
                 raise FileNotFoundError(f"no LoRA named '{lora_name}' in models/loras")
             source = Path(full)
         root = exports_root()
-        folder = new_folder(root, stem)
-        adapter_file = f"{stem}.safetensors" if source is None else safe_name(source.name)
-        if source is None:
-            metadata = sharing_metadata("lora", {**getattr(lora, "metadata", {}), "dojo_version": __version__},
-                                        prompt, extra)
-            save_safetensors_new(folder / adapter_file, {k: v.to(torch.float16) for k, v in lora.items()}, metadata)
-        else:
-            write_new_file(folder / adapter_file, lambda tmp: shutil.copyfile(source, tmp))
-            metadata = read_header(source)[0] or {}
-        sample_files = save_samples(samples, folder, animate_over, fps) if samples is not None else []
-        workflow = (extra or {}).get(WORKFLOW_KEY) if isinstance(extra, dict) else None
-        if workflow is None and metadata.get(WORKFLOW_KEY):
-            try:
-                workflow = json.loads(metadata[WORKFLOW_KEY])
-            except ValueError:
-                workflow = None
-        workflow_file = None
-        if isinstance(workflow, dict):
-            workflow_file = "workflow.json"
-            write_text(folder / workflow_file, json.dumps(scrub(workflow), indent=1))
-        card = CardInput(name=stem, adapter_file=adapter_file, metadata=metadata, license=license,
-                         strength=float(strength),
-                         trigger_word=(trigger_word or "").strip() or metadata.get("dojo_trigger_word", ""),
-                         base_model=(base_model_repo or "").strip(), samples=sample_files,
-                         workflow_file=workflow_file)
-        write_text(folder / "README.md", model_card(card))
+        folder = next_free_path(root, stem, "")
+
+        def fill(folder: Path) -> None:  # written into a temporary folder, renamed into place when complete
+            adapter_file = f"{stem}.safetensors" if source is None else safe_name(source.name)
+            if source is None:
+                metadata = sharing_metadata("lora", {**getattr(lora, "metadata", {}), "dojo_version": __version__},
+                                            prompt, extra)
+                save_safetensors_new(folder / adapter_file, {k: v.to(torch.float16) for k, v in lora.items()}, metadata)
+            else:
+                write_new_file(folder / adapter_file, lambda tmp: shutil.copyfile(source, tmp),
+                               size_hint=source.stat().st_size)
+                metadata = read_header(source)[0] or {}
+            sample_files = save_samples(samples, folder, animate_over, fps) if samples is not None else []
+            workflow = (extra or {}).get(WORKFLOW_KEY) if isinstance(extra, dict) else None
+            if workflow is None and metadata.get(WORKFLOW_KEY):
+                try:
+                    workflow = json.loads(metadata[WORKFLOW_KEY])
+                except ValueError:
+                    workflow = None
+            workflow_file = None
+            if isinstance(workflow, dict):
+                workflow_file = "workflow.json"
+                write_text(folder / workflow_file, json.dumps(scrub(workflow), indent=1))
+            card = CardInput(name=stem, adapter_file=adapter_file, metadata=metadata, license=license,
+                             strength=float(strength),
+                             trigger_word=(trigger_word or "").strip() or metadata.get("dojo_trigger_word", ""),
+                             base_model=(base_model_repo or "").strip(), samples=sample_files,
+                             workflow_file=workflow_file)
+            write_text(folder / "README.md", model_card(card))
+
+        write_new_folder(folder, fill)
         log.info("Dojo: model card export written to %s", folder)
         return io.NodeOutput(folder.name, ui={"text": [f"{EXPORT_FOLDER}/{folder.name}"]})
 
@@ -211,7 +217,8 @@ class DojoPublishToHub(io.ComfyNode):
             is_output_node=True,
             description="Uploads an export folder (from Dojo Export Model Card) to a Hugging Face model repository. "
                         "The token comes from HF_TOKEN or your `hf auth login`, never from the graph. Needs the "
-                        "huggingface_hub package.",
+                        "huggingface_hub package. Off until the server owner allows it: DOJO_ALLOW_PUBLISH=1 "
+                        "or {\"allow_publish\": true} in ComfyUI's user/comfyui-dojo.json.",
             inputs=[
                 io.String.Input("repo_id", default="your-name/my-lora",
                                 tooltip="The Hugging Face repository: user-or-organisation/model-name; created if "
@@ -230,6 +237,8 @@ class DojoPublishToHub(io.ComfyNode):
 
     @classmethod
     def execute(cls, repo_id, private, export_folder=NONE, export="", commit_message="") -> io.NodeOutput:
+        if not publish_allowed(cc.user_directory()):
+            raise PublishError(publish_disabled_message(cc.user_directory()))
         chosen = (export or "").strip() or (export_folder if export_folder != NONE else "")
         if not chosen:
             raise ValueError("choose an export_folder or connect the export output of Dojo Export Model Card")

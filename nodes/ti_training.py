@@ -25,7 +25,9 @@ from ..training.textual_inversion import (FAMILY_ENCODERS, CaptionMode, Embeddin
                                           caption_sample, initial_vectors, training_captions)
 from . import comfy_compat as cc
 from .comfy_model import trainable_view
+from .failures import training_failures
 from .grad_protection import training_region
+from .paths import check_name_text
 from .progress import TrainingProgress
 
 log = logging.getLogger("comfyui-dojo")
@@ -70,7 +72,8 @@ class EmbeddingResult:
 
 def check_embedding_name(name: str) -> str:
     name = (name or "").strip()
-    if not name or any(c.isspace() for c in name) or any(c in name for c in ",()[]<>:\\/"):
+    check_name_text(name, "embedding_name")
+    if not name or name.startswith(".") or any(c.isspace() for c in name) or any(c in name for c in ",()[]<>:\\/"):
         raise ValueError(f"embedding name '{name}' cannot be used in a prompt as embedding:<name>; use letters, "
                          "digits, '_' or '-' (e.g. my_cat)")
     return name
@@ -124,6 +127,8 @@ def train_embedding(model_patcher, clip, latents: list[torch.Tensor], captions: 
         chunks = {c: cc.clip_token_chunks(train_clip, c) for c in unique}
         index = {c: i for i, c in enumerate(unique)}
         samples, sample_captions = [], []
+        for latent in {tuple(x.shape): x for x in latents}.values():
+            cc.check_latents_fit(patcher, family, latent)
         for latent, cs in zip(latents, per_item):
             model_latent = cc.process_latent_in(patcher, latent[None].float().clone())[0]
             for c in cs:
@@ -151,8 +156,8 @@ def train_embedding(model_patcher, clip, latents: list[torch.Tensor], captions: 
             state = TrainState(step, losses)
             progress.start_at(step, losses)
         callbacks = Callbacks(on_step=progress.on_step, should_stop=progress.should_stop,
-                              on_checkpoint=checkpoints.write)
-        with training_region(patcher, False):
+                              on_checkpoint=checkpoints.write, is_cancel=cc.is_interrupt)
+        with training_failures(checkpoints, progress), training_region(patcher, False):
             state, optimizer, scheduler = train(
                 model, vectors, BatchSchedule(samples, job.batch_size, job.train.seed), job.train, device=device,
                 state=state, optimizer_state=optimizer_state, callbacks=callbacks,

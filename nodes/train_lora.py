@@ -9,8 +9,7 @@ import numpy as np
 import torch
 
 from ..training.adapters import AdapterConfig, AdapterType
-from ..training.checkpoints import latest_checkpoint
-from ..training.files import next_free_path
+from ..training.checkpoints import RunFolders, plan_run_folders
 from ..training.loop import LRSchedule, Precision, TrainConfig
 from ..training.loss_plot import render_loss_plot
 from ..training.optimizers import OptimizerKind
@@ -20,6 +19,7 @@ from ..training.timesteps import TimestepSampling
 from . import comfy_compat as cc
 from .comfy_compat import io, ui
 from .comfy_model import ComfyDenoisingModel
+from .failures import report_cancel
 from .lora_training import LoraJob, train_lora
 from .paths import resolve_inside
 from .types import EncodedDatasetType
@@ -52,6 +52,23 @@ def dataset_metadata(dataset) -> dict[str, str]:
 
 def checkpoint_root() -> Path:
     return Path(cc.output_directory()) / CHECKPOINT_FOLDER
+
+
+def run_folders(root: Path, resume_from: str, run_name: str, default_name: str, trainer: str) -> RunFolders:
+    """The checkpoint to resume (from the untrusted resume_from) and the folder this run writes into;
+    resuming an earlier step of a run with later checkpoints branches into a new folder (never overwriting)."""
+    if resume_from and resume_from.strip():
+        resume = resolve_inside(root, resume_from.strip(), "resume_from", allow_root=False)
+        if not resume.is_dir():
+            raise FileNotFoundError(f"resume_from '{resume_from}' does not exist in {root}; "
+                                    f"pick a run folder written by an earlier {trainer}")
+        folders = plan_run_folders(root, resume, "")
+        if folders.branched:
+            log.warning("Dojo: resuming %s, but its run has later checkpoints; this run writes into the new "
+                        "folder %s so that none of them is overwritten", folders.resume.relative_to(root),
+                        folders.run_dir)
+        return folders
+    return plan_run_folders(root, None, resolve_inside(root, run_name or default_name, "run_name").name)
 
 
 @dataclass(frozen=True)
@@ -176,27 +193,18 @@ class DojoTrainLoRA(io.ComfyNode):
             timestep_sampling=auto.timestep_sampling, shift=shift or None, min_snr_gamma=min_snr_gamma,
             noise_offset=noise_offset, precision=Precision(precision), seed=seed)
         root = checkpoint_root()
-        if resume_from and resume_from.strip():
-            resume = resolve_inside(root, resume_from.strip(), "resume_from")
-            if not resume.exists():
-                raise FileNotFoundError(f"resume_from '{resume_from}' does not exist in {root}; "
-                                        "pick a run folder written by an earlier Dojo Train LoRA")
-            run_dir = resume if latest_checkpoint(resume) is not None else resume.parent
-        else:
-            resume = None
-            run_dir = next_free_path(root, resolve_inside(root, run_name or "dojo_lora", "run_name").name, "")
+        folders = run_folders(root, resume_from, run_name, "dojo_lora", "Dojo Train LoRA")
         job = LoraJob(
             adapter=AdapterConfig(AdapterType(adapter), rank=rank, alpha=alpha or float(rank)),
             targets=auto.targets,
             train=train_config, batch_size=batch_size, gradient_checkpointing=checkpointing,
             blocks_to_swap=blocks_to_swap,
-            checkpoint_every=checkpoint_every, checkpoint_dir=run_dir, resume_from=resume, init_lora=continue_from,
+            checkpoint_every=checkpoint_every, checkpoint_dir=folders.run_dir, resume_from=folders.resume,
+            init_lora=continue_from,
             extra_metadata=dataset_metadata(dataset))
         result = train_lora(model, dataset, job)
         if result.cancelled:
-            log.warning("Dojo: training cancelled at step %d of %d; what was trained is kept in %s "
-                        "(set resume_from to '%s' to continue)", result.steps_done, steps, result.last_checkpoint,
-                        run_dir.relative_to(root))
+            report_cancel(result.steps_done, steps, result.last_checkpoint, folders.run_dir, root)
             cc.raise_interrupt()
         graph = render_loss_plot(result.losses, title="Dojo LoRA loss")
         image = image_tensor(graph)

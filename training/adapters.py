@@ -148,9 +148,13 @@ class AttachedAdapter:
                 layer = layers[name]
                 a, b = layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight
                 if tuple(down.shape) != tuple(a.shape) or tuple(up.shape) != tuple(b.shape):
-                    raise ValueError(f"the LoRA's layer {name} has rank {down.shape[0]} and shape "
-                                     f"{tuple(up.shape[:1]) + tuple(down.shape[1:])}; training uses rank {a.shape[0]} "
-                                     f"on {tuple(b.shape[:1]) + tuple(a.shape[1:])}: set rank to {down.shape[0]}")
+                    theirs, ours = tuple(up.shape[:1]) + tuple(down.shape[1:]), tuple(b.shape[:1]) + tuple(a.shape[1:])
+                    if down.shape[0] != a.shape[0]:
+                        raise ValueError(f"the LoRA's layer {name} has rank {down.shape[0]} but training uses rank "
+                                         f"{a.shape[0]}: set rank to {down.shape[0]}")
+                    raise ValueError(f"the LoRA's layer {name} is {theirs} (out x in) but this model's layer is "
+                                     f"{ours}: the LoRA was trained on another size of this model family (the rank, "
+                                     f"{a.shape[0]}, already matches); load the base model it was trained on")
                 a.copy_(down)
                 b.copy_(up / layer.scaling[ADAPTER_NAME])
 

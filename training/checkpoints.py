@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .files import save_safetensors_new, write_new_file
+from .files import (DiskFullError, clean_stale_temporaries, is_disk_full, next_free_path, safetensors_size,
+                    save_safetensors_new, write_new_file, write_new_folder)
 
 log = logging.getLogger("comfyui-dojo")
 FORMAT_VERSION = 1
+_STEP_NAME = re.compile(r"^step_\d{6,}$")
 # Settings that must match for a resume to continue the same run (others, like the checkpoint
 # interval, may change).
 RUN_IDENTITY_KEYS = ("family", "adapter", "rank", "alpha", "targets", "seed", "batch_size", "grad_accumulation",
@@ -65,31 +69,63 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], skeleton: dict) -> di
 
 def save_checkpoint(directory: Path, step: int, losses: list[float], adapter: dict[str, torch.Tensor],
                     optimizer: torch.optim.Optimizer, scheduler, run: dict) -> Path:
-    """Write `directory/step_NNNNNN/` (three files, each published atomically); returns the folder."""
+    """Write `directory/step_NNNNNN/` atomically: its three files go into a temporary folder that is renamed
+    into place when complete, so a crash at any moment leaves the previous checkpoints and either no new
+    folder or a complete one. Returns the folder."""
     folder = directory / f"step_{step:06d}"
-    if folder.exists():
+    directory.mkdir(parents=True, exist_ok=True)
+    remove_incomplete(directory)
+    if os.path.lexists(folder):
         raise FileExistsError(f"checkpoint {folder} already exists; it is never overwritten")
-    folder.mkdir(parents=True)
+    opt_tensors, opt_skeleton = _flatten_optimizer(optimizer.state_dict())
+    meta = {"format": FORMAT_VERSION, "step": step, "losses": losses, "run": run,
+            "optimizer": opt_skeleton, "scheduler": scheduler.state_dict()}
+    state_text = json.dumps(meta, indent=1)
+
+    def fill(tmp: Path) -> None:
+        save_safetensors_new(tmp / "adapter.safetensors", adapter)
+        save_safetensors_new(tmp / "optimizer.safetensors", opt_tensors)
+        write_new_file(tmp / "state.json", lambda p: p.write_text(state_text))
+
     try:
-        opt_tensors, opt_skeleton = _flatten_optimizer(optimizer.state_dict())
-        save_safetensors_new(folder / "adapter.safetensors", adapter)
-        save_safetensors_new(folder / "optimizer.safetensors", opt_tensors)
-        meta = {"format": FORMAT_VERSION, "step": step, "losses": losses, "run": run,
-                "optimizer": opt_skeleton, "scheduler": scheduler.state_dict()}
-        # state.json is written last: a folder without it is an incomplete checkpoint and is ignored.
-        write_new_file(folder / "state.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
+        write_new_folder(folder, fill)
     except OSError as e:
-        shutil.rmtree(folder, ignore_errors=True)  # no half checkpoint; earlier ones are untouched
         previous = latest_checkpoint(directory)
         kept = f"the previous checkpoint {previous} is kept" if previous else "no earlier checkpoint exists"
+        if is_disk_full(e):
+            needed = safetensors_size(adapter) + safetensors_size(opt_tensors) + len(state_text)
+            raise CheckpointError(f"{DiskFullError(folder, needed)}; {kept}") from e
         raise CheckpointError(f"could not write the checkpoint for step {step} in {directory} "
-                              f"({e.strerror or e}); free disk space or choose another output folder; {kept}") from e
+                              f"({e.strerror or e}); choose another output folder; {kept}") from e
     return folder
 
 
+def _step_folders(directory: Path) -> list[Path]:
+    try:
+        return sorted(p for p in directory.glob("step_*") if p.is_dir() and _STEP_NAME.match(p.name))
+    except OSError:
+        return []
+
+
+def remove_incomplete(directory: Path) -> list[Path]:
+    """Remove what a crash may leave in a run folder: temporary checkpoint folders of a process that is gone,
+    and step folders without state.json (written in place by Dojo versions before atomic checkpoints)."""
+    removed = clean_stale_temporaries(directory)
+    for folder in _step_folders(directory):
+        if not (folder / "state.json").is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            log.warning("Dojo: removed the incomplete checkpoint folder %s (it has no state.json)", folder)
+            removed.append(folder)
+    return removed
+
+
 def latest_checkpoint(directory: Path) -> Path | None:
-    complete = sorted(p for p in directory.glob("step_*") if (p / "state.json").is_file())
+    complete = [p for p in _step_folders(directory) if (p / "state.json").is_file()]
     return complete[-1] if complete else None
+
+
+def checkpoint_step(folder: Path) -> int:
+    return int(folder.name[len("step_"):])
 
 
 def load_checkpoint(folder: Path) -> Checkpoint:
@@ -100,16 +136,48 @@ def load_checkpoint(folder: Path) -> Checkpoint:
         if found is None:
             raise CheckpointError(f"no complete checkpoint in {folder} (looked for step_*/state.json)")
         folder = found
+    reading = "state.json"
     try:
-        meta = json.loads((folder / "state.json").read_text())
-        adapter = safetensors.torch.load_file(str(folder / "adapter.safetensors"))
-        opt_tensors = safetensors.torch.load_file(str(folder / "optimizer.safetensors"))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read checkpoint {folder}: {e}") from e
+        meta = json.loads((folder / reading).read_text())
+        reading = "adapter.safetensors"
+        adapter = safetensors.torch.load_file(str(folder / reading))
+        reading = "optimizer.safetensors"
+        opt_tensors = safetensors.torch.load_file(str(folder / reading))
+    except Exception as e:  # safetensors raises its own SafetensorError (not an OSError) on a cut file
+        others = [p.name for p in _step_folders(folder.parent) if p != folder and (p / "state.json").is_file()]
+        hint = (f"resume from an earlier one instead ({', '.join(f'{folder.parent.name}/{o}' for o in others)})"
+                if others else "no other checkpoint of this run exists; start a new run")
+        raise CheckpointError(f"checkpoint {folder} is damaged: {reading} cannot be read ({e}); {hint}") from e
     if meta.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {folder} has format {meta.get('format')}; this Dojo reads {FORMAT_VERSION}")
     return Checkpoint(meta["step"], meta["losses"], adapter, _unflatten_optimizer(opt_tensors, meta["optimizer"]),
                       meta["scheduler"], meta["run"])
+
+
+@dataclass(frozen=True)
+class RunFolders:
+    """Where a run reads its starting checkpoint (`resume`, None for a fresh run) and writes its own
+    (`run_dir`); `branched` when resuming an earlier step of a run that has later checkpoints: the new
+    checkpoints then go to a new folder so that none of the old ones is touched."""
+    resume: Path | None
+    run_dir: Path
+    branched: bool = False
+
+
+def plan_run_folders(root: Path, resume: Path | None, run_stem: str) -> RunFolders:
+    if resume is None:
+        return RunFolders(None, next_free_path(root, run_stem, ""))
+    if not (resume / "state.json").is_file():  # a run folder: continue its latest complete checkpoint
+        latest = latest_checkpoint(resume)
+        if latest is None:
+            raise CheckpointError(f"no complete checkpoint in {resume} (looked for step_*/state.json); "
+                                  "pick a run folder or a run/step_NNNNNN folder written by an earlier run")
+        return RunFolders(latest, resume)
+    run = resume.parent
+    later = [p for p in _step_folders(run) if (p / "state.json").is_file() and p.name > resume.name]
+    if not later:
+        return RunFolders(resume, run)
+    return RunFolders(resume, next_free_path(root, f"{run.name}_from_{resume.name}", ""), branched=True)
 
 
 def check_resumable(checkpoint: Checkpoint, run: dict) -> None:

@@ -13,14 +13,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterable
 
 import torch
 
+from .files import DiskFullError, clean_stale_temporaries, file_mode, is_disk_full, safetensors_size, temp_prefix
 from .protocol import Conditioning
+
+log = logging.getLogger("comfyui-dojo")
 
 INDEX_NAME = "index.json"
 INDEX_VERSION = 1
@@ -63,27 +68,38 @@ def caption_key(caption: str, text_encoder_identity: str) -> str:
     return _hash_json({"kind": "cond", "caption": caption, "clip": text_encoder_identity})
 
 
-def _atomic_write(path: Path, write) -> None:
+def _atomic_write(path: Path, write, size_hint: int | None = None) -> None:
+    """Replace `path` atomically (cache entries may be rewritten; they hold nothing a user made)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    clean_stale_temporaries(path.parent)
+    tmp_dir = Path(tempfile.mkdtemp(dir=path.parent, prefix=temp_prefix(path), suffix=".tmp"))
+    tmp = tmp_dir / path.name
     try:
-        write(Path(tmp))
+        try:
+            write(tmp)
+            os.chmod(tmp, file_mode())
+        except Exception as e:
+            if is_disk_full(e):
+                raise DiskFullError(path, size_hint, e) from e
+            raise
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
 class EncodeCache:
     """One cache folder. `get_*` return None on a miss; `put_*` write the tensor file at once and
-    the index on `flush()` (also atomic), so an interrupted run leaves a consistent cache."""
+    the index on `flush()` (also atomic), so an interrupted run leaves a consistent cache.
+
+    A cache that cannot be written (disk full, read-only folder) never fails the encode: the encoded
+    tensors stay in memory as without a cache, writing stops, and `warning` says why."""
 
     def __init__(self, root: Path):
         self.root = Path(root)
         self.index: dict[str, dict] = {}
         self.hits = 0
         self.misses = 0
+        self.warning: str | None = None
         index_path = self.root / INDEX_NAME
         if index_path.is_file():
             try:
@@ -113,9 +129,23 @@ class EncodeCache:
     def _store(self, key: str, kind: str, tensors: dict[str, torch.Tensor], info: dict) -> None:
         import safetensors.torch
         rel = f"{kind}s/{key[:2]}/{key}.safetensors"
+        if self.warning is not None:
+            return
         clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        _atomic_write(self.root / rel, lambda tmp: safetensors.torch.save_file(clean, str(tmp)))
+        try:
+            _atomic_write(self.root / rel, lambda tmp: safetensors.torch.save_file(clean, str(tmp)),
+                          safetensors_size(clean))
+        except Exception as e:
+            if not (is_disk_full(e) or isinstance(e, OSError)):
+                raise
+            self._give_up(e)
+            return
         self.index[key] = {"kind": kind, "file": rel, **info}
+
+    def _give_up(self, exc: BaseException) -> None:
+        self.warning = (f"the encode cache in {self.root} cannot be written ({exc}); this encode keeps its "
+                        "results in memory only and the cache is not updated")
+        log.warning("Dojo: %s", self.warning)
 
     def get_latent(self, key: str) -> torch.Tensor | None:
         tensors = self._load(key, "latent")
@@ -148,5 +178,10 @@ class EncodeCache:
         self._store(key, "cond", tensors, {"caption": caption, "scalars": scalars})
 
     def flush(self) -> None:
+        if self.warning is not None and not self.index:
+            return
         data = json.dumps({"version": INDEX_VERSION, "entries": self.index}, indent=1, sort_keys=True)
-        _atomic_write(self.root / INDEX_NAME, lambda tmp: tmp.write_text(data, "utf-8"))
+        try:
+            _atomic_write(self.root / INDEX_NAME, lambda tmp: tmp.write_text(data, "utf-8"), len(data))
+        except OSError as e:
+            self._give_up(e)

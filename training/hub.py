@@ -15,8 +15,34 @@ INSTALL_HINT = ("publishing needs the huggingface_hub package: install it into C
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 
 
+PUBLISH_ENV = "DOJO_ALLOW_PUBLISH"
+SETTINGS_FILE = "comfyui-dojo.json"   # in ComfyUI's user folder, beside (not inside) the per-user folders
+
+
 class PublishError(RuntimeError):
     pass
+
+
+def publish_allowed(user_directory: str | os.PathLike, environ=None) -> bool:
+    """Publishing uploads with the server owner's token, so it is off until the owner opts in: the
+    environment variable DOJO_ALLOW_PUBLISH=1, or {"allow_publish": true} in <user>/comfyui-dojo.json.
+    That file sits at the top of the user folder, where ComfyUI's userdata API (which writes only inside
+    a user's own subfolder) cannot create it, so queueing prompts is not enough to switch it on."""
+    environ = os.environ if environ is None else environ
+    if str(environ.get(PUBLISH_ENV, "")).strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    path = Path(user_directory) / SETTINGS_FILE
+    try:
+        import json
+        return json.loads(path.read_text("utf-8")).get("allow_publish") is True
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def publish_disabled_message(user_directory: str | os.PathLike) -> str:
+    return (f"publishing is off on this ComfyUI (it would upload with the server owner's Hugging Face token). "
+            f"The owner can allow it by starting ComfyUI with the environment variable {PUBLISH_ENV}=1, or by "
+            f"writing {{\"allow_publish\": true}} into {Path(user_directory) / SETTINGS_FILE}. Nothing was uploaded.")
 
 
 def check_repo_id(repo_id: str) -> str:

@@ -65,10 +65,10 @@ class TrainConfig:
 
 
 class TrainingDiverged(RuntimeError):
-    def __init__(self, step: int, loss: float):
+    def __init__(self, step: int, loss: float, kept: str = ""):
         super().__init__(f"loss became {loss} at step {step}: training diverged. Lower the learning rate "
-                         f"(or use fp32 precision); the last checkpoint before step {step} is kept.")
-        self.step = step
+                         f"(or use fp32 precision).{' ' + kept if kept else ''}")
+        self.step, self.loss = step, loss
 
 
 @dataclass
@@ -82,6 +82,9 @@ class Callbacks:
     on_step: Callable[[int, float, float], None] | None = None   # (step done, loss, lr)
     should_stop: Callable[[], bool] | None = None                 # e.g. ComfyUI's cancel
     on_checkpoint: Callable[[TrainState, torch.optim.Optimizer, object], None] | None = None
+    # Recognises a cancel raised from inside the model's forward (ComfyUI checks its interrupt at every
+    # op): the unfinished step is dropped and the loop returns after the last finished one.
+    is_cancel: Callable[[BaseException], bool] | None = None
 
 
 def lr_factor(config: TrainConfig, step: int) -> float:
@@ -142,22 +145,28 @@ def train(model: DenoisingModel, adapter: AttachedAdapter, data: BatchSchedule, 
             break
         step = state.step
         step_loss = 0.0
-        for micro in range(config.grad_accumulation):
-            batch = data.batch(step * config.grad_accumulation + micro)
-            latents = batch.latents.to(device, torch.float32)
-            g = step_generator(config.seed, step * config.grad_accumulation + micro)
-            t = sample_timesteps(config.timestep_sampling, latents.shape[0], g, shift=shift)
-            noise = torch.randn(latents.shape, generator=g)
-            if config.noise_offset and not model.schedule.is_flow:
-                noise = noise + config.noise_offset * torch.randn(
-                    (*latents.shape[:2], *[1] * (latents.ndim - 2)), generator=g)
-            with autocast:
-                loss = diffusion_loss(model, latents, batch.cond.to(device), t.to(device), noise.to(device),
-                                      config.min_snr_gamma)
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(step + 1, loss.item())
-            (loss / config.grad_accumulation).backward()
-            step_loss += loss.item() / config.grad_accumulation
+        try:
+            for micro in range(config.grad_accumulation):
+                batch = data.batch(step * config.grad_accumulation + micro)
+                latents = batch.latents.to(device, torch.float32)
+                g = step_generator(config.seed, step * config.grad_accumulation + micro)
+                t = sample_timesteps(config.timestep_sampling, latents.shape[0], g, shift=shift)
+                noise = torch.randn(latents.shape, generator=g)
+                if config.noise_offset and not model.schedule.is_flow:
+                    noise = noise + config.noise_offset * torch.randn(
+                        (*latents.shape[:2], *[1] * (latents.ndim - 2)), generator=g)
+                with autocast:
+                    loss = diffusion_loss(model, latents, batch.cond.to(device), t.to(device), noise.to(device),
+                                          config.min_snr_gamma)
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(step + 1, loss.item())
+                (loss / config.grad_accumulation).backward()
+                step_loss += loss.item() / config.grad_accumulation
+        except BaseException as e:
+            if callbacks.is_cancel is None or not callbacks.is_cancel(e):
+                raise
+            optimizer.zero_grad(set_to_none=True)  # the unfinished step leaves no trace
+            break
         if config.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
         optimizer.step()

@@ -84,3 +84,20 @@ def factors_from_state_dict(family: Family, state: dict[str, torch.Tensor], modu
     if missing:
         raise ValueError(f"the LoRA lacks the down or up half of {len(missing)} layers (e.g. {missing[:2]})")
     return {n: (d, u) for n, (d, u) in pairs.items()}
+
+
+def check_lora_tensors(tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse a LoRA whose tensors are not floating point or hold NaN / Inf, naming the first such tensor:
+    applied, it would silently give black images (NaN) or nonsense (a bool or integer "weight")."""
+    for key, tensor in tensors.items():
+        if not torch.is_tensor(tensor) or not tensor.is_floating_point():
+            kind = tensor.dtype if torch.is_tensor(tensor) else type(tensor).__name__
+            raise ValueError(f"{source}: tensor '{key}' is {kind}, not floating point, so it is not LoRA weights; "
+                             "use a LoRA file made by a trainer (or re-save it as fp16 / fp32)")
+        finite = torch.isfinite(tensor)
+        if not bool(finite.all()):
+            bad = int((~finite).sum())
+            raise ValueError(f"{source}: tensor '{key}' holds {bad} NaN or infinite values of {tensor.numel()}; the "
+                             "LoRA is broken (a diverged training run?) and would spoil every image: retrain it or "
+                             "use an earlier file")
+

@@ -8,6 +8,7 @@ import safetensors
 import torch
 
 from inprocess_models import tiny_flux_patcher, tiny_sd15_patcher
+from interrupts import interrupt_in_forward, is_comfy_interrupt
 from test_lora_training import encoded
 
 pytestmark = pytest.mark.integration
@@ -119,25 +120,19 @@ def test_load_refuses_truncated_and_pickled_files(comfy, dojo, tmp_path):
     assert set(dojo.lora_nodes.read_lora_file(__import__("pathlib").Path(f"{root}/tests/plain.pt"))) == {"w.lora_down.weight"}
 
 
-def test_cancel_keeps_a_checkpoint_and_resume_continues_exactly(comfy, dojo, monkeypatch):
+def test_cancel_keeps_a_checkpoint_and_resume_continues_exactly(comfy, dojo, caplog):
     data = encoded(dojo)
     straight = train_node(dojo, tiny_sd15_patcher(), data, steps=8, run_name="straight",
                           lr_schedule="cosine", warmup_steps=2).result[0]
 
-    cc = dojo.comfy_compat
-    calls = {"n": 0}
-    real = cc.interrupt_requested
-
-    def cancel_after_five():
-        calls["n"] += 1
-        return calls["n"] > 5  # polled once before each step: steps 1-5 run, then "cancel"
-    monkeypatch.setattr(cc, "interrupt_requested", cancel_after_five)
-    with pytest.raises(BaseException) as stopped:
-        train_node(dojo, tiny_sd15_patcher(), data, steps=8, run_name="cancelled", lr_schedule="cosine", warmup_steps=2)
-    assert cc.is_interrupt(stopped.value)
-    monkeypatch.setattr(cc, "interrupt_requested", real)
+    model = tiny_sd15_patcher()
+    # ComfyUI's own Cancel, pressed in step 6's forward (batch 2, no accumulation: forward n is step n)
+    with interrupt_in_forward(model.model.diffusion_model, call=6), pytest.raises(BaseException) as stopped:
+        train_node(dojo, model, data, steps=8, run_name="cancelled", lr_schedule="cosine", warmup_steps=2)
+    assert is_comfy_interrupt(stopped.value)
     run = dojo.train_lora.checkpoint_root() / "cancelled_00001"
-    assert (run / "step_000005" / "state.json").is_file()
+    assert (run / "step_000005" / "state.json").is_file() and not (run / "step_000006").exists()
+    assert "set resume_from to 'cancelled_00001'" in caplog.text and "step 5 of 8" in caplog.text
 
     resumed = train_node(dojo, tiny_sd15_patcher(), data, steps=8, run_name="ignored", lr_schedule="cosine",
                          warmup_steps=2, resume_from="cancelled_00001").result[0]
@@ -177,5 +172,5 @@ def test_training_can_continue_from_a_saved_lora_file(comfy, dojo):
     assert all(torch.allclose(same[k], first[k], atol=1e-6) for k in first)
     further = train_node(dojo, model, data, steps=3, run_name="cont_c", continue_from=loaded).result[0]
     assert any(not torch.allclose(further[k], first[k]) for k in first)
-    with pytest.raises(ValueError, match="set rank to 4"):
+    with pytest.raises(ValueError, match="has rank 4 but training uses rank 8: set rank to 4"):
         train_node(dojo, model, data, steps=1, rank=8, run_name="cont_d", continue_from=loaded)

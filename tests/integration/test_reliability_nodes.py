@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from inprocess_models import tiny_sd15_patcher
+from interrupts import interrupt_in_forward, is_comfy_interrupt
 from test_lora_nodes import train_node
 from test_lora_training import encoded, reference_output
 
@@ -84,17 +85,15 @@ def test_untrusted_names_are_refused_by_every_file_node(comfy, dojo):
         dojo.lora_nodes.DojoLoadLoRA.execute("../../../etc/passwd")
 
 
-def test_the_base_model_is_bit_identical_after_success_cancel_and_error(comfy, dojo, monkeypatch):
+def test_the_base_model_is_bit_identical_after_success_cancel_and_error(comfy, dojo):
     model = tiny_sd15_patcher()
     before = reference_output(dojo, model)
     train_node(dojo, model, encoded(dojo), steps=2, run_name="integrity_ok")
     assert torch.equal(reference_output(dojo, model), before)
 
-    monkeypatch.setattr(dojo.comfy_compat, "interrupt_requested", lambda: True)
-    with pytest.raises(BaseException) as cancelled:
-        train_node(dojo, model, encoded(dojo), steps=2, run_name="integrity_cancel")
-    assert dojo.comfy_compat.is_interrupt(cancelled.value)
-    monkeypatch.undo()
+    with interrupt_in_forward(model.model.diffusion_model, call=2), pytest.raises(BaseException) as cancelled:
+        train_node(dojo, model, encoded(dojo), steps=3, run_name="integrity_cancel")  # ComfyUI's cancel, mid-forward
+    assert is_comfy_interrupt(cancelled.value)
     assert torch.equal(reference_output(dojo, model), before)
 
     bad = encoded(dojo)

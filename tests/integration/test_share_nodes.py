@@ -115,6 +115,7 @@ def hub_env(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("DOJO_ALLOW_PUBLISH", "1")  # the server owner's opt-in (off by default)
     return monkeypatch
 
 

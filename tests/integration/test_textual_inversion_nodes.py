@@ -11,6 +11,8 @@ import safetensors
 import safetensors.torch
 import torch
 
+from interrupts import interrupt_at_progress, interrupt_in_forward, is_comfy_interrupt
+
 from test_dataset_nodes import fresh_folder, image
 
 pytestmark = pytest.mark.integration
@@ -170,7 +172,7 @@ def test_gradient_through_comfy_clip_matches_finite_differences(comfy, dojo, sd1
     assert abs(analytic - numeric) < 0.005 * abs(numeric), (analytic, numeric, coarse, fine)
 
 
-def test_same_seed_same_bits_and_cancel_then_resume_continues_exactly(comfy, dojo, sd15, monkeypatch, tmp_path):
+def test_same_seed_same_bits_and_cancel_then_resume_continues_exactly(comfy, dojo, sd15, tmp_path):
     model, clip, _ = sd15
     lats = latents()
     common = dict(steps=5, lr=1e-2, num_vectors=1, init_word="dog")
@@ -178,16 +180,9 @@ def test_same_seed_same_bits_and_cancel_then_resume_continues_exactly(comfy, doj
     b = dojo.ti_training.train_embedding(model, clip, lats, CAPTIONS, job(dojo, **common)).embedding.vectors
     assert torch.equal(a["clip_l"], b["clip_l"])
 
-    cc = dojo.comfy_compat
-    calls = {"n": 0}
-
-    def cancel_after_three():
-        calls["n"] += 1
-        return calls["n"] > 3  # polled once before each step
-    monkeypatch.setattr(cc, "interrupt_requested", cancel_after_three)
-    cut = dojo.ti_training.train_embedding(model, clip, lats, CAPTIONS,
-                                           job(dojo, checkpoint_dir=tmp_path / "run", **common))
-    monkeypatch.undo()
+    with interrupt_at_progress(3):  # ComfyUI's cancel, pressed as the bar shows step 3
+        cut = dojo.ti_training.train_embedding(model, clip, lats, CAPTIONS,
+                                               job(dojo, checkpoint_dir=tmp_path / "run", **common))
     assert cut.cancelled and cut.steps_done == 3 and (tmp_path / "run" / "step_000003" / "state.json").is_file()
     resumed = dojo.ti_training.train_embedding(model, clip, lats, CAPTIONS,
                                                job(dojo, resume_from=tmp_path / "run", **common))
@@ -376,14 +371,13 @@ def test_an_error_or_a_cancel_mid_training_leaves_model_and_clip_bit_identical(c
     with pytest.raises(RuntimeError, match="boom"):
         dojo.ti_training.train_embedding(model, clip, latents(), CAPTIONS, job(dojo, steps=4))
     monkeypatch.undo()
-    monkeypatch.setattr(cc, "interrupt_requested", lambda: calls.__setitem__("n", calls["n"] + 1) or calls["n"] > 4)
-    assert dojo.ti_training.train_embedding(model, clip, latents(), CAPTIONS, job(dojo, steps=4)).cancelled
-    monkeypatch.undo()
+    with interrupt_in_forward(model.model.diffusion_model, call=2):  # ComfyUI's cancel inside step 2's forward
+        assert dojo.ti_training.train_embedding(model, clip, latents(), CAPTIONS, job(dojo, steps=4)).cancelled
     assert torch.equal(clip_text_encode(comfy, clip, "a photo of embedding:tiemb")[0], clip_before[0])
     assert torch.equal(model_output(dojo, model), model_before)
 
 
-def test_node_cancel_raises_interrupt_keeps_a_checkpoint_and_resume_from_finishes_exactly(comfy, dojo, sd15, monkeypatch):
+def test_node_cancel_raises_interrupt_keeps_a_checkpoint_and_resume_from_finishes_exactly(comfy, dojo, sd15):
     model, clip, vae = sd15
     folder = fresh_folder(comfy, "ti_node")
     for i, colour in enumerate([(200, 0, 0), (0, 0, 200)]):
@@ -396,15 +390,13 @@ def test_node_cancel_raises_interrupt_keeps_a_checkpoint_and_resume_from_finishe
         with torch.inference_mode():  # as ComfyUI's executor runs every node
             return dojo.embedding_nodes.DojoTrainTextualInversion.execute(*args, **kwargs)
     straight = train(model, clip, vae, data, run_name="ti_straight", **settings).result[0]
-    cc = dojo.comfy_compat
-    calls = {"n": 0}
-    monkeypatch.setattr(cc, "interrupt_requested", lambda: calls.__setitem__("n", calls["n"] + 1) or calls["n"] > 2)
-    with pytest.raises(BaseException) as stopped:  # ComfyUI's interrupt is not an Exception
+    # ComfyUI's cancel, raised by its ops inside step 3's UNet forward; ComfyUI's interrupt is not an Exception
+    with interrupt_in_forward(model.model.diffusion_model, call=3), pytest.raises(BaseException) as stopped:
         train(model, clip, vae, data, run_name="ti_cut", **settings)
-    assert cc.is_interrupt(stopped.value)
-    monkeypatch.undo()
+    assert is_comfy_interrupt(stopped.value)
     root = dojo.embedding_nodes.checkpoint_root()
     assert (root / "ti_cut_00001" / "step_000002" / "state.json").is_file()
+    assert not (root / "ti_cut_00001" / "step_000003").exists()
     resumed = train(model, clip, vae, data, run_name="x", resume_from="ti_cut_00001", **settings).result[0]
     assert resumed.name == "node_emb" and torch.equal(resumed.vectors["clip_l"], straight.vectors["clip_l"])
     assert resumed.metadata["dojo_caption_mode"] == "style" and resumed.metadata["dojo_steps"] == "4"

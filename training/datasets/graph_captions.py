@@ -8,8 +8,9 @@ way at encode time. Edits (prefix, suffix, find-and-replace) apply to every raw 
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import DatasetError
@@ -96,6 +97,7 @@ class WriteReport:
     written: list[Path]
     kept: list[Path]          # existing sidecars left alone (overwrite off)
     copied: bool
+    backups: list[Path] = field(default_factory=list)   # old captions kept before overwrite (name.txt.bak)
 
 
 def write_captions(dataset: Dataset, overwrite: bool, copy_to: Path | None = None) -> WriteReport:
@@ -107,7 +109,7 @@ def write_captions(dataset: Dataset, overwrite: bool, copy_to: Path | None = Non
         if copy_to.exists():
             raise FileExistsError(f"{copy_to} already exists; captions are never written over another copy")
         copy_to.mkdir(parents=True)
-    written, kept, done = [], [], set()
+    written, kept, backups, done = [], [], [], set()
     for item in dataset.items:
         relative = item.path.relative_to(dataset.root)
         if relative in done or item.caption_raw is None:
@@ -121,8 +123,29 @@ def write_captions(dataset: Dataset, overwrite: bool, copy_to: Path | None = Non
         if sidecar.exists() and not overwrite:
             kept.append(sidecar)
             continue
+        if sidecar.exists():
+            backups.append(keep_backup(sidecar))
         tmp = sidecar.with_name(f".{sidecar.name}.tmp")
         tmp.write_text(item.caption_raw + "\n", encoding="utf-8")
-        tmp.replace(sidecar)  # atomic; replaces only when overwrite is on or the file is new
+        tmp.replace(sidecar)  # atomic; replaces only when overwrite is on (the old text is in the backup)
         written.append(sidecar)
-    return WriteReport(target_root, written, kept, copy_to is not None)
+    return WriteReport(target_root, written, kept, copy_to is not None, backups)
+
+
+def keep_backup(path: Path) -> Path:
+    """Keep `path`'s current content as `name.txt.bak` (or `name.txt.00001.bak`, counting up: an existing
+    backup is never replaced) before it is overwritten; returns the backup's path."""
+    candidates = [path.with_name(path.name + ".bak")] + [path.with_name(f"{path.name}.{n:05d}.bak") for n in range(1, 100000)]
+    for backup in candidates:
+        try:
+            os.link(path, backup)  # atomic and never over an existing name; the replace then swaps only path
+            return backup
+        except FileExistsError:
+            continue
+        except OSError:  # a file system without hard links: copy, still never over an existing backup
+            if os.path.lexists(backup):
+                continue
+            with open(path, "rb") as src, open(backup, "xb") as dst:
+                shutil.copyfileobj(src, dst)
+            return backup
+    raise FileExistsError(f"{path} has too many backups; remove some of its .bak files")

@@ -26,7 +26,9 @@ def image_size(path: Path) -> tuple[int, int]:
     """(height, width) after EXIF orientation, from the header only (no pixel decode)."""
     with Image.open(path) as img:
         w, h = img.size
-        orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
+        # The base class reads EXIF from what the header parse found; PngImageFile.getexif() would decode
+        # the whole image first when the eXIf chunk is not before the pixels (412 MB for a 108 MP PNG).
+        orientation = Image.Image.getexif(img).get(_EXIF_ORIENTATION, 1)
     return (w, h) if orientation in _SWAPS_SIDES else (h, w)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 import re
+import stat
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,6 +148,12 @@ def scan_folder(root: Path, config: DatasetConfig | None = None) -> Dataset:
         reasons = "; ".join(f"{p.name}: {r}" for p, r in report.skipped[:5])
         raise DatasetError(f"every file in {root} failed ({len(report.skipped)} skipped: {reasons}); "
                            "fix the files or the settings")
+    uncaptioned = [item for item in items if not (item.caption_raw or "").strip()]
+    if uncaptioned and not config.captions.trigger.strip():
+        every = "no item has" if len(uncaptioned) == len(items) else f"{len(uncaptioned)} of {len(items)} items have"
+        report.warn(f"{every} a caption (.txt) and no trigger word is set: a LoRA trains them on an empty "
+                    "caption, so no prompt word calls up what they teach; set trigger_word or add captions "
+                    "(textual inversion's object/style templates need neither)")
     return Dataset(root=root, config=config, items=items, skipped=report.skipped, warnings=report.warnings)
 
 
@@ -189,6 +196,11 @@ def _media_and_captions(folder: Path, real_root: Path, report: Report) -> tuple[
             continue
         _check_inside(entry, real_root)
         suffix = entry.suffix.lower()
+        kind = _not_regular(entry)
+        if kind and (suffix == CAPTION_SUFFIX or suffix in IMAGE_SUFFIXES or suffix in VIDEO_SUFFIXES):
+            # opening a FIFO blocks until a writer appears; devices and sockets are not data either
+            report.skip(entry, f"not a regular file ({kind}); only ordinary files are read")
+            continue
         if suffix == CAPTION_SUFFIX:
             captions[entry.stem] = entry
         elif suffix in IMAGE_SUFFIXES or suffix in VIDEO_SUFFIXES:
@@ -201,6 +213,21 @@ def _media_and_captions(folder: Path, real_root: Path, report: Report) -> tuple[
             report.warn(f"caption {caption_path} has no image or video named '{stem}'; "
                         "rename it to match a file or delete it")
     return list(media_by_stem.values()), captions
+
+
+def _not_regular(entry: Path) -> str | None:
+    """What `entry` is when it is not a regular file (through symbolic links), else None."""
+    try:
+        mode = entry.stat().st_mode
+    except OSError as exc:
+        return f"unreadable: {exc.strerror or exc}"
+    if stat.S_ISREG(mode):
+        return None
+    for test, name in ((stat.S_ISFIFO, "a FIFO / named pipe"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "not a plain file"
 
 
 def _is_clip_source(path: Path, config: DatasetConfig) -> bool:

@@ -1,0 +1,76 @@
+"""ComfyUI's real cancel, as the queue's Cancel button triggers it: `interrupt_current_processing()`, which
+`comfy/ops.py` then raises from inside the next op of the model's forward (or the progress bar at its next
+update). These helpers only choose *when* to press it; nothing of the pack is patched."""
+from __future__ import annotations
+
+import threading
+import time
+from contextlib import contextmanager
+
+
+def _mm():
+    import comfy.model_management
+    return comfy.model_management
+
+
+@contextmanager
+def interrupt_in_forward(module, call: int):
+    """Press Cancel at the start of `module`'s forward number `call`: ComfyUI's ops raise the interrupt
+    inside that forward, mid-step."""
+    count = {"n": 0}
+
+    def hook(mod, args):
+        count["n"] += 1
+        if count["n"] == call:
+            _mm().interrupt_current_processing(True)
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        yield count
+    finally:
+        handle.remove()
+        _mm().interrupt_current_processing(False)
+
+
+@contextmanager
+def interrupt_at_progress(step: int):
+    """Press Cancel when the progress bar reports `step` (as a UI watching the bar would): between steps."""
+    import comfy.utils
+    previous = comfy.utils.PROGRESS_BAR_HOOK
+
+    def hook(value, total, preview, node_id=None):
+        if value == step:
+            _mm().interrupt_current_processing(True)
+        if previous is not None:
+            previous(value, total, preview, node_id) if node_id is not None else previous(value, total, preview)
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        yield
+    finally:
+        comfy.utils.set_progress_bar_global_hook(previous)
+        _mm().interrupt_current_processing(False)
+
+
+@contextmanager
+def interrupt_from_thread(when):
+    """Press Cancel from another thread (as the server's /interrupt handler does) once `when()` is true,
+    at whatever moment of the step that happens to be."""
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            if when():
+                _mm().interrupt_current_processing(True)
+                return
+            time.sleep(0.002)
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(5)
+        _mm().interrupt_current_processing(False)
+
+
+def is_comfy_interrupt(exc: BaseException) -> bool:
+    return isinstance(exc, _mm().InterruptProcessingException)
