@@ -171,11 +171,11 @@ def test_cancel_from_another_thread_at_any_moment_keeps_the_last_step_and_resume
 
 
 def test_cancel_pressed_between_steps_at_the_progress_bar_keeps_that_step(comfy, dojo):
-    with interrupt_at_progress(2), pytest.raises(BaseException) as stopped:
-        train_node(dojo, tiny_sd15_patcher(), encoded(dojo, n=2), steps=5, run_name="bar_cut")
-    assert is_comfy_interrupt(stopped.value)
+    with interrupt_at_progress(2) as press, pytest.raises(BaseException) as stopped:
+        train_node(dojo, tiny_sd15_patcher(), encoded(dojo, n=2), steps=8, run_name="bar_cut")
+    assert is_comfy_interrupt(stopped.value) and 2 <= press["pressed_at"] < 8
     run = dojo.train_lora.checkpoint_root() / "bar_cut_00001"
-    assert sorted(p.name for p in run.iterdir()) == ["step_000002"]
+    assert sorted(p.name for p in run.iterdir()) == [f"step_{press['pressed_at']:06d}"]
 
 
 def test_cancel_inside_the_first_step_says_nothing_was_trained(comfy, dojo, caplog):
