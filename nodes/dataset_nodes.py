@@ -31,6 +31,7 @@ from ..training.protocol import Conditioning
 from . import comfy_compat as cc
 from .comfy_compat import io
 from .failures import out_of_memory_as
+from .paths import check_name_text
 from .types import DatasetType, EncodedDatasetType
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,10 @@ def resolve_dataset_folder(choice: str) -> Path:
     text = (choice or "").strip()
     if not text:
         raise DatasetError(f"Dojo Load Image Dataset: no folder chosen; {hint}")
+    try:
+        check_name_text(text, "Dojo Load Image Dataset: folder")
+    except ValueError as e:
+        raise DatasetError(str(e)) from None
     pure = PurePosixPath(text.replace("\\", "/"))
     if pure.is_absolute() or os.path.isabs(text) or ".." in pure.parts or (pure.parts and ":" in pure.parts[0]):
         raise DatasetError(f"Dojo Load Image Dataset: folder '{choice}' is not a name inside {allowed}: "
@@ -90,6 +95,9 @@ def resolve_dataset_folder(choice: str) -> Path:
         root = Path(cc.input_directory())
         path = root / text
     real_root, real = root.resolve(), path.resolve()
+    if real == real_root:
+        raise DatasetError(f"Dojo Load Image Dataset: folder '{choice}' names {allowed} itself, not a dataset "
+                           f"folder inside it; {hint}")
     if not real.is_relative_to(real_root):
         raise DatasetError(f"Dojo Load Image Dataset: folder '{choice}' resolves to {real}, outside {allowed} "
                            f"({real_root}); a symlink may point out of it. Copy the files into the folder; {hint}")

@@ -214,7 +214,8 @@ class DojoSaveEmbedding(io.ComfyNode):
             metadata["dojo_base_model"] = base_model_name
         metadata = sharing_metadata("embedding", metadata, *cc.hidden_graph(cls))
         tensors = embedding_file_tensors(embedding.vectors)
-        save_safetensors_new(path, {k: v.to(SAVE_DTYPES[save_dtype]) for k, v in tensors.items()}, metadata)
+        with out_of_memory_as("saving the embedding", "num_vectors"):
+            save_safetensors_new(path, {k: v.to(SAVE_DTYPES[save_dtype]) for k, v in tensors.items()}, metadata)
         prompt_name = "embedding:" + path.relative_to(root).with_suffix("").as_posix()
         log.info("Dojo: saved embedding to %s (use it as %s)", path, prompt_name)
         return io.NodeOutput(prompt_name, ui={"text": [prompt_name]})

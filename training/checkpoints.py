@@ -216,8 +216,13 @@ class RunCheckpoints:
     def write_final(self, state, optimizer, scheduler) -> None:
         """Checkpoint the final state unless the loop just did: a cancelled run resumes from it, and a
         finished one can be continued with more steps."""
-        if state.step > 0 and not (self.last and self.last.name == f"step_{state.step:06d}"):
-            self.write(state, optimizer, scheduler)
+        if state.step == 0 or self.directory is None or (self.last and self.last.name == f"step_{state.step:06d}"):
+            return
+        existing = self.directory / f"step_{state.step:06d}"
+        if (existing / "state.json").is_file():  # the checkpoint this run resumed from: nothing new to keep
+            self.written.append(existing)
+            return
+        self.write(state, optimizer, scheduler)
 
     def resume(self, folder: Path) -> tuple[int, list[float], dict]:
         """Load `folder` into the trainable after checking it belongs to this run; returns the step, the

@@ -217,17 +217,3 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def new_folder(directory: Path, stem: str) -> Path:
-    """A new, empty `stem_NNNNN` folder inside `directory`: created atomically with mkdir, so an existing
-    folder (another export, or one made meanwhile) is never reused."""
-    directory.mkdir(parents=True, exist_ok=True)
-    counter = 1
-    while True:
-        candidate = directory / f"{stem}_{counter:05d}"
-        try:
-            candidate.mkdir()
-            return candidate
-        except FileExistsError:
-            counter += 1

@@ -382,3 +382,61 @@ def test_publishing_is_off_unless_the_owner_opts_in(tmp_path):
     (tmp_path / "comfyui-dojo.json").unlink()
     (tmp_path / "default" / "comfyui-dojo.json").write_text(json.dumps({"allow_publish": True}))
     assert not publish_allowed(tmp_path, environ={})
+
+
+TRAINER = PACK_IMPORT_SNIPPET + textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, sys.argv[2])
+    import safetensors.torch
+    from helpers import tiny_samples, tiny_unet_model
+    from comfyui_dojo.training.adapters import AdapterConfig, attach_adapter
+    from comfyui_dojo.training.batches import BatchSchedule
+    from comfyui_dojo.training.checkpoints import RunCheckpoints, latest_checkpoint
+    from comfyui_dojo.training.loop import Callbacks, Precision, TrainConfig, TrainState, train
+    from comfyui_dojo.training.protocol import TargetPreset
+    run = Path(sys.argv[1])
+    config = TrainConfig(steps=30, learning_rate=1e-3, seed=5, precision=Precision.FP32)
+    model = tiny_unet_model()
+    adapter = attach_adapter(model.unet, model.adaptable_modules(TargetPreset.ATTENTION_MLP),
+                             AdapterConfig(rank=4, alpha=4), seed=0)
+    checkpoints = RunCheckpoints(run, {"seed": 5, "steps": 30}, adapter)
+    state, optimizer_state = TrainState(), None
+    latest = latest_checkpoint(run)
+    if latest is not None:
+        step, losses, optimizer_state = checkpoints.resume(latest)
+        state = TrainState(step, losses)
+    print("ready", state.step, flush=True)
+    state, optimizer, scheduler = train(model, adapter, BatchSchedule(tiny_samples(), 2, seed=5), config, state=state,
+                                        optimizer_state=optimizer_state,
+                                        callbacks=Callbacks(on_checkpoint=checkpoints.write), checkpoint_every=1)
+    safetensors.torch.save_file(adapter.state_dict(), str(run.parent / "final.safetensors"))
+    print("done", flush=True)
+""")
+
+
+def test_a_training_process_killed_with_sigkill_again_and_again_resumes_to_the_same_bits(tmp_path):
+    run, rng = tmp_path / "run", random.Random(21)
+    engine_dir = str(Path(__file__).parent)
+    kills = 0
+    while not (tmp_path / "final.safetensors").exists():
+        assert kills < 12, "never finished"
+        proc = subprocess.Popen([sys.executable, "-c", TRAINER, str(run), engine_dir], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        assert proc.stdout.readline().startswith("ready")
+        try:
+            proc.wait(timeout=rng.uniform(0.3, 1.5) if kills < 3 else 300)
+        except subprocess.TimeoutExpired:
+            proc.kill()  # SIGKILL, at whatever moment of a step or of a checkpoint write
+            proc.wait()
+            kills += 1
+        assert all((p / "state.json").is_file() for p in run.glob("step_*")), listing(run)
+    assert kills >= 3
+    model = tiny_unet_model()
+    adapter = attach_adapter(model.unet, model.adaptable_modules(TargetPreset.ATTENTION_MLP),
+                             AdapterConfig(rank=4, alpha=4), seed=0)
+    train(model, adapter, BatchSchedule(tiny_samples(), 2, seed=5),
+          TrainConfig(steps=30, learning_rate=1e-3, seed=5, precision=Precision.FP32))
+    final = safetensors.torch.load_file(str(tmp_path / "final.safetensors"))
+    assert all(torch.equal(final[k], v) for k, v in adapter.state_dict().items())
+    assert not [n for n in listing(run) if n.startswith(".")]  # the killed writers' temporaries were cleaned

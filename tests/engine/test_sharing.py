@@ -2,7 +2,9 @@
 import json
 
 from comfyui_dojo.training import model_card as mc
-from comfyui_dojo.training.files import new_folder
+import pytest
+
+from comfyui_dojo.training.files import next_free_path, write_new_folder
 from comfyui_dojo.training.sharing import (REDACTED, describe_metadata, is_absolute_path, scrub,
                                            sharing_metadata, tag_frequency_summary)
 
@@ -59,6 +61,16 @@ def test_model_card_front_matter_and_body():
     assert "| rank | 4 |" in text and "0.8" in text and "![sample](samples/sample_00.png)" in text
 
 
-def test_new_folder_never_reuses_an_existing_one(tmp_path):
-    a, b = new_folder(tmp_path, "x"), new_folder(tmp_path, "x")
-    assert (a.name, b.name) == ("x_00001", "x_00002")
+def test_export_folders_are_new_complete_or_absent_and_never_reused(tmp_path):
+    a = write_new_folder(next_free_path(tmp_path, "x", ""), lambda f: (f / "README.md").write_text("a"))
+    b = write_new_folder(next_free_path(tmp_path, "x", ""), lambda f: (f / "README.md").write_text("b"))
+    assert (a.name, b.name) == ("x_00001", "x_00002") and (a / "README.md").read_text() == "a"
+    with pytest.raises(FileExistsError):
+        write_new_folder(a, lambda f: None)
+
+    def half(folder):
+        (folder / "README.md").write_text("half")
+        raise RuntimeError("stopped half way")
+    with pytest.raises(RuntimeError):
+        write_new_folder(tmp_path / "x_00003", half)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x_00001", "x_00002"]  # no partial folder, no temporary

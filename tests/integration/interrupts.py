@@ -33,18 +33,22 @@ def interrupt_in_forward(module, call: int):
 
 @contextmanager
 def interrupt_at_progress(step: int):
-    """Press Cancel when the progress bar reports `step` (as a UI watching the bar would): between steps."""
+    """Press Cancel when the progress bar first reports `step` or later (as a UI watching the bar would;
+    ComfyUI 0.33 throttles bar updates, so a step may not be reported): between steps. Yields
+    {"pressed_at": the step it showed}."""
     import comfy.utils
     previous = comfy.utils.PROGRESS_BAR_HOOK
+    pressed = {"pressed_at": None}
 
     def hook(value, total, preview, node_id=None):
-        if value == step:
+        if value >= step and pressed["pressed_at"] is None:
+            pressed["pressed_at"] = value
             _mm().interrupt_current_processing(True)
         if previous is not None:
             previous(value, total, preview, node_id) if node_id is not None else previous(value, total, preview)
     comfy.utils.set_progress_bar_global_hook(hook)
     try:
-        yield
+        yield pressed
     finally:
         comfy.utils.set_progress_bar_global_hook(previous)
         _mm().interrupt_current_processing(False)

@@ -71,7 +71,7 @@ BAD_NAMES = {
     ".": "itself|names the folder|cannot be used",
     "./": "itself|names the folder|cannot be used",
     "./.": "itself|names the folder|cannot be used",
-    "a/..": r"contains '\.\.'|cannot be used",
+    "a/..": r"contains '\.\.'|'\.\.' are refused|cannot be used",
     "bad\x00name": "null byte",
     "n" * 300: "300 characters long",
 }
@@ -97,10 +97,14 @@ def call_with_name(comfy, dojo, model, which: str, name: str):
             None, None, None, None, name, "object", 1, "*", 1, 1, 1e-3, "constant", 0, "auto", "fp32", 0, 0, "r")
     if which == "export.name":
         return dojo.share_nodes.DojoExportModelCard.execute(name, "other", 1.0, lora=a_lora(dojo))
+
+
+    if which == "dataset.folder":
+        return dojo.dataset_nodes.DojoLoadImageDataset.execute(name, resolution=64, min_side=64, max_side=64)
     raise AssertionError(which)
 
 
-NAME_INPUTS = ["save_lora.filename_prefix", "save_embedding.filename_prefix", "train_lora.run_name",
+NAME_INPUTS = ["dataset.folder", "save_lora.filename_prefix", "save_embedding.filename_prefix", "train_lora.run_name",
                "train_lora.resume_from", "publish.export", "train_ti.embedding_name", "export.name"]
 # Export Model Card turns its name into a safe folder name ('.' becomes the default name): only the
 # names no folder can take are refused there.
@@ -171,11 +175,11 @@ def test_cancel_from_another_thread_at_any_moment_keeps_the_last_step_and_resume
 
 
 def test_cancel_pressed_between_steps_at_the_progress_bar_keeps_that_step(comfy, dojo):
-    with interrupt_at_progress(2), pytest.raises(BaseException) as stopped:
-        train_node(dojo, tiny_sd15_patcher(), encoded(dojo, n=2), steps=5, run_name="bar_cut")
-    assert is_comfy_interrupt(stopped.value)
+    with interrupt_at_progress(2) as press, pytest.raises(BaseException) as stopped:
+        train_node(dojo, tiny_sd15_patcher(), encoded(dojo, n=2), steps=8, run_name="bar_cut")
+    assert is_comfy_interrupt(stopped.value) and 2 <= press["pressed_at"] < 8
     run = dojo.train_lora.checkpoint_root() / "bar_cut_00001"
-    assert sorted(p.name for p in run.iterdir()) == ["step_000002"]
+    assert sorted(p.name for p in run.iterdir()) == [f"step_{press['pressed_at']:06d}"]
 
 
 def test_cancel_inside_the_first_step_says_nothing_was_trained(comfy, dojo, caplog):
@@ -438,3 +442,16 @@ def test_write_captions_with_overwrite_keeps_each_old_caption_as_bak(comfy, dojo
     assert (folder / "a.txt.bak").read_text() == "an older backup"  # an existing backup is never replaced
     assert (folder / "a.txt.00001.bak").read_text() == "the user's own words"
     assert "kept as .txt.bak" in text
+
+
+def test_a_resumed_run_cancelled_before_its_first_new_step_keeps_the_checkpoint_it_resumed(comfy, dojo, caplog):
+    data = encoded(dojo, n=2)
+    train_node(dojo, tiny_sd15_patcher(), data, steps=3, run_name="re_cut", checkpoint_every=3)
+    model = tiny_sd15_patcher()
+    with caplog.at_level(logging.WARNING), interrupt_in_forward(model.model.diffusion_model, 1), \
+            pytest.raises(BaseException) as stopped:
+        train_node(dojo, model, data, steps=6, run_name="x", resume_from="re_cut_00001")
+    assert is_comfy_interrupt(stopped.value)
+    run = dojo.train_lora.checkpoint_root() / "re_cut_00001"
+    assert sorted(p.name for p in run.iterdir()) == ["step_000003"]
+    assert "training cancelled at step 3 of 6" in caplog.text and "set resume_from to 're_cut_00001'" in caplog.text
