@@ -15,6 +15,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")"
 repo="$(pwd)"
 venv="${DOJO_VENV:-$repo/.venv}"
 main_target="${DOJO_MAIN_TARGET:-0.33}"   # the ComfyUI release series the pack is developed against
+# The team's helper for one machine-specific gap (no torchvision/torchaudio build for this CPU torch).
+comfy_helper="${DOJO_COMFYUI_HELPER:-$repo/../shared/comfyui/setup.sh}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"  # small models: a second thread slows them down here
 
 die() { echo "dojo.sh: $*" >&2; exit 1; }
@@ -98,10 +100,10 @@ EOF
       && missing_libs="$missing_libs $lib"
   done
   if [ -n "$missing_libs" ]; then
-    if [ -x "$repo/../shared/comfyui/setup.sh" ]; then
+    if [ -x "$comfy_helper" ]; then
       # This machine's CPU torch has no matching torchvision/torchaudio build in the registry; the team's
       # helper installs what works here (and nothing else changes: the requirements are already in).
-      quiet "$repo/../shared/comfyui/setup.sh" --dest "$tree" >/dev/null || true
+      quiet "$comfy_helper" --dest "$tree" >/dev/null || true
     else
       quiet pip install -q $missing_libs -c "$tmp/constraints.txt" || true
     fi

@@ -1,4 +1,6 @@
 """Small shared builders for engine tests: a tiny SD1.5 UNet and a fixed cached dataset."""
+import os
+
 import torch
 
 from comfyui_dojo.training import tiny_models
@@ -8,7 +10,9 @@ from comfyui_dojo.training.protocol import Conditioning
 
 
 def tiny_unet_model(seed=3):
-    return DiffusersUNet(tiny_models.tiny_sd15_unet(seed=seed))
+    """$DOJO_TEST_MODEL_SEED shifts the seed, as for the integration tier's tiny models: only for checking
+    that learning margins hold for other random models."""
+    return DiffusersUNet(tiny_models.tiny_sd15_unet(seed=seed + 1000 * int(os.environ.get("DOJO_TEST_MODEL_SEED") or 0)))
 
 
 def tiny_samples(n=6, size=8, seed=0):

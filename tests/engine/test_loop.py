@@ -36,7 +36,8 @@ def test_training_clearly_lowers_the_fixed_batch_loss():
     state, _, _ = train(model, adapter, BatchSchedule(samples, 3, seed=0), config)
     after = fixed_loss(model, samples)
     assert state.step == 60 and len(state.losses) == 60
-    assert after < 0.8 * before, (before, after)
+    # Over the tiny UNet's seeds (DOJO_TEST_MODEL_SEED=0..7) 60 steps lowered it by 20.2-23.3%; asked: 10%.
+    assert after < 0.9 * before, (before, after)
 
 
 def test_same_seed_gives_identical_adapter_bits_and_leaves_global_rng_alone():

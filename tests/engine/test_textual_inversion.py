@@ -98,7 +98,9 @@ def test_the_loop_trains_only_the_vectors_and_lowers_the_loss():
     state, _, _ = train(model, vectors, BatchSchedule(samples, 2, seed=2), config)
     assert state.step == 40
     after = fixed_loss(model, samples)
-    assert after < 0.9 * before, (before, after)
+    # Deterministic (fixed noise and timesteps): untrained vectors leave it exactly unchanged. Over the
+    # tiny UNet's seeds (DOJO_TEST_MODEL_SEED=0..7) 40 steps lowered it by 5.2-12.1%; asked: 2%.
+    assert after < 0.98 * before, (before, after)
     assert all(torch.equal(v, frozen[k]) for k, v in base.unet.state_dict().items())
     assert not torch.equal(vectors.state_dict()["clip_l"], start["clip_l"])
     _, again, model2, samples2, _ = setup()
