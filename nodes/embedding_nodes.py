@@ -10,6 +10,7 @@ import torch
 
 from .. import __version__
 from ..training.checkpoints import latest_checkpoint
+from ..training.file_metadata import embedding_file_keys
 from ..training.files import next_free_path, save_safetensors_new
 from ..training.loop import LRSchedule, Precision, TrainConfig
 from ..training.loss_plot import render_loss_plot
@@ -221,6 +222,8 @@ class DojoSaveEmbedding(io.ComfyNode):
                     "dojo_num_vectors": str(embedding.num_vectors)}
         if base_model_name:
             metadata["dojo_base_model"] = base_model_name
+        if metadata["dojo_family"] != "unknown":
+            metadata.update(embedding_file_keys(metadata["dojo_family"], name=path.stem))
         metadata = sharing_metadata("embedding", metadata, *cc.hidden_graph(cls))
         tensors = embedding_file_tensors(embedding.vectors)
         save_safetensors_new(path, {k: v.to(SAVE_DTYPES[save_dtype]) for k, v in tensors.items()}, metadata)

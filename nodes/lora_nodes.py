@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from .. import __version__
+from ..training.file_metadata import for_file
 from ..training.files import next_free_path, save_safetensors_new
 from ..training.sharing import sharing_metadata
 from . import comfy_compat as cc
@@ -114,7 +115,9 @@ class DojoSaveLoRA(io.ComfyNode):
             metadata["dojo_base_model"] = metadata["ss_sd_model_name"] = base_model_name
         metadata = sharing_metadata("lora", metadata, *cc.hidden_graph(cls))
         dtype = SAVE_DTYPES[save_dtype]
-        save_safetensors_new(path, {k: v.to(dtype) for k, v in lora.items()}, metadata)
+        tensors = {k: v.to(dtype) for k, v in lora.items()}
+        metadata = for_file(metadata, tensors, path.stem, metadata.get("dojo_trigger_word"))
+        save_safetensors_new(path, tensors, metadata)
         relative = str(path.relative_to(root))
         log.info("Dojo: saved LoRA to %s", path)
         return io.NodeOutput(relative, ui={"text": [relative]})

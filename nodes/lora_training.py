@@ -18,6 +18,7 @@ from ..training.adapters import AdapterConfig, AdapterType, attach_adapter
 from ..training.batches import BatchSchedule, Sample
 from ..training.checkpoints import RunCheckpoints
 from ..training.encoded import EncodedDataset
+from ..training.file_metadata import latent_resolution, lora_file_keys
 from ..training.loop import Callbacks, TrainConfig, TrainState, train
 from ..training.lora_formats import factors_from_state_dict, lora_state_dict
 from ..training.protocol import Family, TargetPreset
@@ -134,6 +135,10 @@ def train_lora(model_patcher, dataset: EncodedDataset, job: LoraJob) -> LoraResu
                                              "gradient_checkpointing": job.gradient_checkpointing,
                                              "checkpoint_every": job.checkpoint_every,
                                              "dataset_size": len(dataset)}, sort_keys=True, default=str),
+                **lora_file_keys(view.family, resolution=latent_resolution([tuple(s.latent.shape) for s in samples]),
+                                 captions=dataset.captions, dataset_name=str(dataset.info.get("source") or ""),
+                                 unet_lr=job.train.learning_rate, prediction=view.schedule.prediction.value,
+                                 trigger_phrase=dataset.info.get("trigger_word") or None),
                 **job.extra_metadata}
     lora = DojoLoRA({k: v.cpu() for k, v in tensors.items()}, metadata)
     return LoraResult(lora, list(state.losses), state.step, cancelled, checkpoints.last)
