@@ -26,6 +26,7 @@ from . import comfy_compat as cc
 from .comfy_model import trainable_view
 from .grad_protection import training_region
 from .progress import TrainingProgress
+from .te_lora import JointTrainable, TextEncoderJob, text_encoder_session
 
 log = logging.getLogger("comfyui-dojo")
 
@@ -58,6 +59,7 @@ class LoraJob:
     checkpoint_dir: Path | None = None
     resume_from: Path | None = None
     init_lora: dict | None = None        # continue from an existing LoRA's weights (a fresh run otherwise)
+    text_encoder: TextEncoderJob | None = None  # also train a LoRA on the CLIP (te_lora.py)
     extra_metadata: dict = field(default_factory=dict)
 
 
@@ -74,7 +76,9 @@ def run_identity(job: LoraJob, family: Family, dataset: EncodedDataset) -> dict:
     return {"family": family.value, "adapter": AdapterType(job.adapter.kind).value, "rank": job.adapter.rank,
             "alpha": job.adapter.alpha, "targets": job.targets.value, "batch_size": job.batch_size,
             "dataset_fingerprint": dataset.fingerprint, "steps": job.train.steps,
-            **job.train.to_dict()}
+            **job.train.to_dict(),
+            **({"text_encoder_lr": job.text_encoder.learning_rate, "te_targets": job.text_encoder.targets.value}
+               if job.text_encoder is not None else {})}
 
 
 def train_lora(model_patcher, dataset: EncodedDataset, job: LoraJob) -> LoraResult:
@@ -88,14 +92,21 @@ def train_lora(model_patcher, dataset: EncodedDataset, job: LoraJob) -> LoraResu
         batch_size = len(dataset)
     progress = TrainingProgress(job.train.steps)
 
-    with trainable_view(model_patcher) as view:
+    with trainable_view(model_patcher) as view, \
+            text_encoder_session(job.text_encoder, view.family, job.adapter, job.train.seed) as te:
         patcher = view.patcher
         device = cc.compute_device(patcher)
         samples = [Sample(cc.process_latent_in(patcher, s.latent[None].float())[0], s.cond) for s in dataset.samples]
         run = run_identity(job, view.family, dataset)
         adapter = attach_adapter(view.diffusion_model, view.adaptable_modules(job.targets), job.adapter,
                                  seed=job.train.seed)
-        checkpoints = RunCheckpoints(job.checkpoint_dir, run, adapter)
+        model, trainable = view, adapter
+        if te is not None:  # conditioning from the captions' tokens each step, through the adapted CLIP
+            samples, unique = te.conditioned_samples(samples, dataset.captions)
+            model = te.model(view, unique)
+            trainable = JointTrainable({"unet": (adapter, job.train.learning_rate, 1.0),
+                                        "te": (te.adapter, job.text_encoder.learning_rate, 1.0)})
+        checkpoints = RunCheckpoints(job.checkpoint_dir, run, trainable)
         diffusers_names = cc.sd_unet_diffusers_names(patcher) if view.family in (Family.SD15, Family.SDXL) else None
 
         try:
@@ -112,7 +123,7 @@ def train_lora(model_patcher, dataset: EncodedDataset, job: LoraJob) -> LoraResu
             try:
                 with training_region(patcher, job.gradient_checkpointing, job.blocks_to_swap, device):
                     state, optimizer, scheduler = train(
-                        view, adapter, BatchSchedule(samples, batch_size, job.train.seed), job.train, device=device,
+                        model, trainable, BatchSchedule(samples, batch_size, job.train.seed), job.train, device=device,
                         state=state, optimizer_state=optimizer_state, callbacks=callbacks,
                         checkpoint_every=job.checkpoint_every)
             except (torch.OutOfMemoryError, MemoryError) as e:
@@ -124,6 +135,8 @@ def train_lora(model_patcher, dataset: EncodedDataset, job: LoraJob) -> LoraResu
             cancelled = state.step < job.train.steps
             checkpoints.write_final(state, optimizer, scheduler)
             tensors = lora_state_dict(view.family, adapter.export_factors(), diffusers_names)
+            if te is not None:
+                tensors.update(te.file_tensors())
         finally:
             adapter.detach()
     metadata = {"dojo_family": view.family.value, "dojo_steps": str(state.step),
@@ -138,6 +151,7 @@ def train_lora(model_patcher, dataset: EncodedDataset, job: LoraJob) -> LoraResu
                 **lora_file_keys(view.family, resolution=latent_resolution([tuple(s.latent.shape) for s in samples]),
                                  captions=dataset.captions, dataset_name=str(dataset.info.get("source") or ""),
                                  unet_lr=job.train.learning_rate, prediction=view.schedule.prediction.value,
+                                 text_encoder_lr=job.text_encoder.learning_rate if job.text_encoder else None,
                                  trigger_phrase=dataset.info.get("trigger_word") or None),
                 **job.extra_metadata}
     lora = DojoLoRA({k: v.cpu() for k, v in tensors.items()}, metadata)
