@@ -11,6 +11,7 @@ from .. import __version__
 from ..training.file_metadata import for_file
 from ..training.files import next_free_path, save_safetensors_new
 from ..training.sharing import sharing_metadata
+from ..training.textual_inversion import bundle_tensors, split_bundle
 from . import comfy_compat as cc
 from .comfy_compat import io
 from .lora_training import DojoLoRA
@@ -116,11 +117,24 @@ class DojoSaveLoRA(io.ComfyNode):
         metadata = sharing_metadata("lora", metadata, *cc.hidden_graph(cls))
         dtype = SAVE_DTYPES[save_dtype]
         tensors = {k: v.to(dtype) for k, v in lora.items()}
+        embedding = getattr(lora, "embedding", None)
+        if embedding is not None:  # pivotal tuning: the embedding travels inside the file, as A1111 reads it
+            tensors.update({k: v.float() for k, v in bundle_tensors(embedding.name, embedding.vectors).items()})
+            metadata["dojo_bundled_embedding"] = embedding.name
         metadata = for_file(metadata, tensors, path.stem, metadata.get("dojo_trigger_word"))
         save_safetensors_new(path, tensors, metadata)
         relative = str(path.relative_to(root))
         log.info("Dojo: saved LoRA to %s", path)
         return io.NodeOutput(relative, ui={"text": [relative]})
+
+
+def bundled_embedding(bundled: dict):
+    """The first embedding a LoRA file bundles (pivotal tuning), as a DojoEmbedding; None if it has none."""
+    if not bundled:
+        return None
+    from .ti_training import DojoEmbedding
+    name, vectors = next(iter(bundled.items()))
+    return DojoEmbedding(name, {k: v.float() for k, v in vectors.items()}, {"dojo_bundled_in_lora": "true"})
 
 
 def read_lora_file(path: Path) -> DojoLoRA:
@@ -131,7 +145,8 @@ def read_lora_file(path: Path) -> DojoLoRA:
         try:
             with safetensors.safe_open(str(path), "pt") as f:
                 metadata = f.metadata() or {}
-            return DojoLoRA(safetensors.torch.load_file(str(path)), metadata)
+            tensors, bundled = split_bundle(safetensors.torch.load_file(str(path)))
+            return DojoLoRA(tensors, metadata, bundled_embedding(bundled))
         except Exception as e:
             raise ValueError(f"cannot read LoRA file {path.name}: {e}. Is it a complete .safetensors file?") from e
     try:

@@ -26,7 +26,7 @@ from . import comfy_compat as cc
 from .comfy_model import trainable_view
 from .grad_protection import training_region
 from .progress import TrainingProgress
-from .te_lora import JointTrainable, TextEncoderJob, text_encoder_session
+from .te_lora import JointTrainable, TextEncoderJob, pivotal_embedding, text_encoder_session
 
 log = logging.getLogger("comfyui-dojo")
 
@@ -40,11 +40,13 @@ class TrainingOutOfMemory(RuntimeError):
 
 
 class DojoLoRA(dict):
-    """A LoRA in its file layout (what ComfyUI's LoRA loaders read), plus the metadata Save writes."""
+    """A LoRA in its file layout (what ComfyUI's LoRA loaders read), plus the metadata Save writes and,
+    after pivotal tuning, the embedding trained with it (a DojoEmbedding; Save bundles it in the file)."""
 
-    def __init__(self, tensors: dict, metadata: dict | None = None):
+    def __init__(self, tensors: dict, metadata: dict | None = None, embedding=None):
         super().__init__(tensors)
         self.metadata = dict(metadata or {})
+        self.embedding = embedding
 
 
 @dataclass
@@ -77,7 +79,8 @@ def run_identity(job: LoraJob, family: Family, dataset: EncodedDataset) -> dict:
             "alpha": job.adapter.alpha, "targets": job.targets.value, "batch_size": job.batch_size,
             "dataset_fingerprint": dataset.fingerprint, "steps": job.train.steps,
             **job.train.to_dict(),
-            **({"text_encoder_lr": job.text_encoder.learning_rate, "te_targets": job.text_encoder.targets.value}
+            **({"text_encoder_lr": job.text_encoder.learning_rate, "te_targets": job.text_encoder.targets.value,
+                "pivotal": None if job.text_encoder.embedding is None else vars(job.text_encoder.embedding)}
                if job.text_encoder is not None else {})}
 
 
@@ -104,8 +107,7 @@ def train_lora(model_patcher, dataset: EncodedDataset, job: LoraJob) -> LoraResu
         if te is not None:  # conditioning from the captions' tokens each step, through the adapted CLIP
             samples, unique = te.conditioned_samples(samples, dataset.captions)
             model = te.model(view, unique)
-            trainable = JointTrainable({"unet": (adapter, job.train.learning_rate, 1.0),
-                                        "te": (te.adapter, job.text_encoder.learning_rate, 1.0)})
+            trainable = JointTrainable({"unet": (adapter, job.train.learning_rate, 1.0), **te.trainables()})
         checkpoints = RunCheckpoints(job.checkpoint_dir, run, trainable)
         diffusers_names = cc.sd_unet_diffusers_names(patcher) if view.family in (Family.SD15, Family.SDXL) else None
 
@@ -137,6 +139,7 @@ def train_lora(model_patcher, dataset: EncodedDataset, job: LoraJob) -> LoraResu
             tensors = lora_state_dict(view.family, adapter.export_factors(), diffusers_names)
             if te is not None:
                 tensors.update(te.file_tensors())
+                vectors = te.trained_vectors()
         finally:
             adapter.detach()
     metadata = {"dojo_family": view.family.value, "dojo_steps": str(state.step),
@@ -155,4 +158,7 @@ def train_lora(model_patcher, dataset: EncodedDataset, job: LoraJob) -> LoraResu
                                  trigger_phrase=dataset.info.get("trigger_word") or None),
                 **job.extra_metadata}
     lora = DojoLoRA({k: v.cpu() for k, v in tensors.items()}, metadata)
+    pivotal = job.text_encoder.embedding if job.text_encoder is not None else None
+    if pivotal is not None:
+        lora.embedding = pivotal_embedding(pivotal, vectors, view.family, state.step)
     return LoraResult(lora, list(state.losses), state.step, cancelled, checkpoints.last)

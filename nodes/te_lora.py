@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import enum
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -21,7 +21,8 @@ from ..training.adapters import AdapterConfig, attach_adapter
 from ..training.grad_safety import copy_on_write_saved_tensors
 from ..training.lora_formats import kohya_keys
 from ..training.protocol import Family, select_linears
-from ..training.textual_inversion import TextualInversionModel, caption_sample
+from ..training.textual_inversion import (FAMILY_ENCODERS, CaptionMode, EmbeddingVectors, TextualInversionModel,
+                                          caption_sample, initial_vectors, training_captions)
 from . import comfy_compat as cc
 
 # kohya's prefixes per text encoder, which ComfyUI's model_lora_keys_clip maps (lora_te_ for SD1.5's only
@@ -40,21 +41,44 @@ _TARGET_PATTERNS = {TeTargets.ATTENTION: r"self_attn\.(q|k|v|out)_proj$",
                     TeTargets.ATTENTION_MLP: r"(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])$"}
 
 
+@dataclass(frozen=True)
+class PivotalJob:
+    """Pivotal tuning: a new embedding for the trigger word, trained with the LoRA. In every caption the
+    trigger word (or `{token}`) becomes `embedding:<name>`; a caption without it gets it in front."""
+    name: str
+    num_vectors: int = 2
+    init_word: str = "*"
+    learning_rate: float = 1e-3
+    train_fraction: float = 1.0          # the embedding trains for this fraction of the steps, then stays
+    trigger_word: str = ""
+
+
 @dataclass
 class TextEncoderJob:
     clip: object                         # ComfyUI CLIP of the same checkpoint as the MODEL
-    learning_rate: float
+    learning_rate: float                 # the text-encoder LoRA's; 0 = no text-encoder LoRA
     targets: TeTargets = TeTargets.ATTENTION_MLP
+    embedding: PivotalJob | None = None
 
 
-def text_encoder_job(clip, learning_rate: float, targets: str) -> TextEncoderJob | None:
-    """The node's inputs as a job; None when the text encoder does not train (learning rate 0)."""
-    if not learning_rate:
+def pivotal_for(pivotal: PivotalJob | None, dataset) -> PivotalJob | None:
+    """The pivotal settings with the dataset's trigger word when the node left it empty."""
+    if pivotal is None or pivotal.trigger_word:
+        return pivotal
+    return replace(pivotal, trigger_word=str(dataset.info.get("trigger_word") or ""))
+
+
+def text_encoder_job(clip, learning_rate: float, targets: str, pivotal: PivotalJob | None = None
+                     ) -> TextEncoderJob | None:
+    """The node's inputs as a job; None when nothing on the text side trains (learning rate 0, no pivotal
+    embedding)."""
+    if not learning_rate and pivotal is None:
         return None
     if clip is None:
-        raise ValueError(f"text_encoder_lr is {learning_rate} but no CLIP is connected: connect the checkpoint's "
-                         "CLIP to Train LoRA's clip input, or set text_encoder_lr to 0")
-    return TextEncoderJob(clip, float(learning_rate), TeTargets(targets))
+        what = f"text_encoder_lr is {learning_rate}" if learning_rate else "a pivotal embedding is connected"
+        raise ValueError(f"{what} but no CLIP is connected: connect the checkpoint's CLIP to Train LoRA's clip "
+                         "input (or set text_encoder_lr to 0 and disconnect pivotal)")
+    return TextEncoderJob(clip, float(learning_rate or 0.0), TeTargets(targets), pivotal)
 
 
 def te_modules(clip, family: Family, targets: TeTargets) -> dict[str, nn.Module]:
@@ -87,15 +111,41 @@ class TextEncoderSession:
 
     def __init__(self, job: TextEncoderJob, family: Family, adapter_config: AdapterConfig, seed: int):
         self.job, self.family = job, Family(family)
-        self.clip = cc.clip_with_embeddings(job.clip, {}, for_training=True)
+        self.vectors, table = None, {}
+        pivotal = job.embedding
+        if pivotal is not None:
+            if self.family not in FAMILY_ENCODERS:
+                raise ValueError(f"pivotal tuning supports SD1.5 and SDXL; this MODEL is {self.family.value}")
+            if not 1 <= pivotal.num_vectors <= 16:
+                raise ValueError(f"the pivotal embedding needs 1 to 16 vectors (got {pivotal.num_vectors})")
+            self.vectors = EmbeddingVectors({k: initial_vectors(cc.clip_token_rows(job.clip, k, pivotal.init_word),
+                                                                pivotal.num_vectors)
+                                             for k in FAMILY_ENCODERS[self.family]})
+            table = {pivotal.name: self.vectors.vectors}
+        self.clip = cc.clip_with_embeddings(job.clip, table, for_training=True)
         cc.prepare_clip_for_training(self.clip)
-        self.adapter = attach_adapter(self.clip.cond_stage_model, te_modules(self.clip, family, job.targets),
-                                      adapter_config, seed=seed + 1)
+        self.adapter = None
+        if job.learning_rate > 0:
+            self.adapter = attach_adapter(self.clip.cond_stage_model, te_modules(self.clip, family, job.targets),
+                                          adapter_config, seed=seed + 1)
         self.tokens: dict[str, dict] = {}
+
+    def trainables(self) -> dict[str, tuple[object, float, float]]:
+        """The text side's parts for `JointTrainable`: the text-encoder LoRA and/or the embedding."""
+        parts = {}
+        if self.adapter is not None:
+            parts["te"] = (self.adapter, self.job.learning_rate, 1.0)
+        if self.vectors is not None:
+            parts["embedding"] = (self.vectors, self.job.embedding.learning_rate, self.job.embedding.train_fraction)
+        return parts
 
     def conditioned_samples(self, samples, captions: list[str]):
         """Samples whose conditioning is a reference to their caption (the cached conditioning is not used:
         the text encoder changes every step), and the distinct captions in reference order."""
+        if self.vectors is not None:
+            pivotal = self.job.embedding
+            captions = [c for [c] in training_captions(CaptionMode.CAPTIONS, captions, f"embedding:{pivotal.name}",
+                                                       pivotal.trigger_word)]
         unique = list(dict.fromkeys(captions))
         index = {c: i for i, c in enumerate(unique)}
         for c in unique:
@@ -119,10 +169,25 @@ class TextEncoderSession:
         return TextualInversionModel(view, unique, self.encode)
 
     def file_tensors(self) -> dict[str, torch.Tensor]:
-        return te_lora_keys(self.family, self.adapter.export_factors())
+        return {} if self.adapter is None else te_lora_keys(self.family, self.adapter.export_factors())
+
+    def trained_vectors(self) -> dict[str, torch.Tensor] | None:
+        return None if self.vectors is None else {k: v.cpu() for k, v in self.vectors.state_dict().items()}
 
     def close(self):
-        self.adapter.detach()
+        if self.adapter is not None:
+            self.adapter.detach()
+
+
+def pivotal_embedding(job: PivotalJob, vectors: dict[str, torch.Tensor], family: Family, steps: int):
+    """The trained pivotal embedding as a DojoEmbedding (what Save Embedding writes)."""
+    from .ti_training import DojoEmbedding
+    metadata = {"dojo_family": Family(family).value, "dojo_embedding_name": job.name, "dojo_init_word": job.init_word,
+                "dojo_num_vectors": str(job.num_vectors), "dojo_steps": str(steps), "dojo_pivotal": "true",
+                "dojo_learning_rate": str(job.learning_rate), "dojo_train_fraction": str(job.train_fraction)}
+    if job.trigger_word:
+        metadata["dojo_trigger_word"] = job.trigger_word
+    return DojoEmbedding(job.name, vectors, metadata)
 
 
 @contextmanager

@@ -22,8 +22,8 @@ from .comfy_compat import io, ui
 from .comfy_model import ComfyDenoisingModel
 from .lora_training import LoraJob, train_lora
 from .paths import resolve_inside
-from .te_lora import TeTargets, text_encoder_job
-from .types import EncodedDatasetType
+from .te_lora import TeTargets, pivotal_for, text_encoder_job
+from .types import EncodedDatasetType, PivotalType
 
 log = logging.getLogger("comfyui-dojo")
 AUTO = "auto"
@@ -161,6 +161,10 @@ class DojoTrainLoRA(io.ComfyNode):
                                        "is not trained. While it trains, captions are encoded every step."),
                 io.Combo.Input("te_targets", options=[t.value for t in TeTargets], default=TeTargets.ATTENTION_MLP.value,
                                optional=True, tooltip="Text-encoder layers to adapt: attention, or attention + MLP."),
+                PivotalType.Input("pivotal", optional=True,
+                                  tooltip="Optional, from Dojo Pivotal Embedding (needs clip): also train the trigger "
+                                          "word's new embedding with the LoRA (pivotal tuning, SD1.5 / SDXL). Dojo "
+                                          "LoRA Embedding takes it out; Save LoRA bundles it in the file."),
             ],
             outputs=[
                 io.LoraModel.Output(display_name="lora", tooltip="The trained LoRA, for Dojo Apply/Save LoRA."),
@@ -174,7 +178,7 @@ class DojoTrainLoRA(io.ComfyNode):
                 targets, optimizer, lr_schedule, warmup_steps, timestep_sampling, shift, min_snr_gamma,
                 noise_offset, gradient_checkpointing, precision, seed, checkpoint_every, run_name,
                 resume_from="", blocks_to_swap=0, continue_from=None, clip=None, text_encoder_lr=0.0,
-                te_targets=TeTargets.ATTENTION_MLP.value) -> io.NodeOutput:
+                te_targets=TeTargets.ATTENTION_MLP.value, pivotal=None) -> io.NodeOutput:
         view = ComfyDenoisingModel(model)
         auto = resolve_auto_settings(view, rank=rank, learning_rate=learning_rate, targets=targets,
                                      timestep_sampling=timestep_sampling, shift=shift,
@@ -202,7 +206,7 @@ class DojoTrainLoRA(io.ComfyNode):
             train=train_config, batch_size=batch_size, gradient_checkpointing=checkpointing,
             blocks_to_swap=blocks_to_swap,
             checkpoint_every=checkpoint_every, checkpoint_dir=run_dir, resume_from=resume, init_lora=continue_from,
-            text_encoder=text_encoder_job(clip, text_encoder_lr, te_targets),
+            text_encoder=text_encoder_job(clip, text_encoder_lr, te_targets, pivotal_for(pivotal, dataset)),
             extra_metadata=dataset_metadata(dataset))
         result = train_lora(model, dataset, job)
         if result.cancelled:

@@ -20,7 +20,8 @@ pytestmark = pytest.mark.integration
 
 WORKFLOW_DIR = REPO_ROOT / "workflows"
 WORKFLOWS = sorted(p.stem for p in WORKFLOW_DIR.glob("*.json"))
-EXPECTED = {"dojo_flux_lora_trigger_word", "dojo_sdxl_lora_captions", "dojo_sd15_textual_inversion",
+EXPECTED = {"dojo_flux_lora_trigger_word", "dojo_sdxl_lora_captions", "dojo_sdxl_pivotal_tuning",
+            "dojo_sd15_textual_inversion",
             "dojo_hunyuan_video_lora_images", "dojo_hunyuan_video_lora_clips"}
 
 
