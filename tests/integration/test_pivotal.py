@@ -15,7 +15,7 @@ import safetensors.torch
 import torch
 
 from test_te_lora import dataset as te_dataset
-from test_textual_inversion_nodes import clip_text_encode, load_checkpoint, same_bits
+from test_textual_inversion_nodes import clip_text_encode, same_bits, sd15  # noqa: F401
 
 pytestmark = pytest.mark.integration
 TRIGGER = "sks"
@@ -30,11 +30,6 @@ def dojo(comfy):
              "training.batches", "training.encoded", "training.loop", "training.protocol")
     mods = {name: importlib.import_module(f"{pack}.{name}") for name in names}
     return types.SimpleNamespace(**{k.split(".")[-1]: v for k, v in mods.items()})
-
-
-@pytest.fixture(scope="module")
-def sd15(comfy, tiny_sd15_checkpoint):
-    return load_checkpoint(comfy, tiny_sd15_checkpoint)
 
 
 def data(dojo, clip):

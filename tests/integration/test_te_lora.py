@@ -13,7 +13,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from test_textual_inversion_nodes import clip_text_encode, latents, load_checkpoint, same_bits
+from test_textual_inversion_nodes import clip_text_encode, hf_clip_l, latents, same_bits, sd15  # noqa: F401
 
 pytestmark = pytest.mark.integration
 CAPTIONS = ["a red cube on a table", "a photo of a red cube", "a red cube in the grass", "a red cube, studio"]
@@ -26,11 +26,6 @@ def dojo(comfy):
              "training.batches", "training.encoded", "training.loop", "training.protocol")
     mods = {name: importlib.import_module(f"{pack}.{name}") for name in names}
     return types.SimpleNamespace(**{k.split(".")[-1]: v for k, v in mods.items()})
-
-
-@pytest.fixture(scope="module")
-def sd15(comfy, tiny_sd15_checkpoint):
-    return load_checkpoint(comfy, tiny_sd15_checkpoint)
 
 
 def dataset(dojo):
@@ -85,7 +80,6 @@ def test_comfy_applies_the_te_keys_through_strength_clip(comfy, dojo, sd15, trai
 
 def test_diffusers_loads_the_te_keys_into_the_text_encoder_with_the_same_change(comfy, dojo, sd15, trained, tmp_path):
     import comfy.lora
-    import transformers
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     model, clip, _ = sd15
     result, _ = trained
@@ -95,14 +89,7 @@ def test_diffusers_loads_the_te_keys_into_the_text_encoder_with_the_same_change(
 
     prefix = "clip_l.transformer."
     state = {k[len(prefix):]: v.float() for k, v in clip.cond_stage_model.state_dict().items() if k.startswith(prefix)}
-    config = transformers.CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
-                                         num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
-                                         hidden_act="quick_gelu", projection_dim=768)
-    text_encoder = transformers.CLIPTextModel(config).eval()
-    own = set(text_encoder.state_dict())
-    if not any(k.startswith("text_model.") for k in own):  # transformers 5 drops the text_model. prefix
-        state = {k.removeprefix("text_model."): v for k, v in state.items()}
-    text_encoder.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    text_encoder = hf_clip_l(state)
     unet = UNet2DConditionModel(sample_size=8, block_out_channels=(32, 64), layers_per_block=1,
                                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=768,
