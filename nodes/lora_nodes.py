@@ -19,6 +19,7 @@ from .paths import resolve_inside
 
 log = logging.getLogger("comfyui-dojo")
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+TE_KEY_PREFIX = "lora_te"  # kohya's text-encoder keys: lora_te_, lora_te1_, lora_te2_
 
 
 class LoraDoesNotFit(ValueError):
@@ -42,6 +43,8 @@ def apply_checked(model, clip, lora: dict, strength_model: float, strength_clip:
             raise LoraDoesNotFit(f"{len(mismatched)} LoRA layers have shapes that do not fit this model (e.g. "
                                  f"{mismatched[0]}): it was made for another size of this model family. "
                                  "Nothing was applied.")
+    if clip is None:  # a LoRA with text-encoder keys applied to the model only: those keys are not for it
+        lora = {k: v for k, v in lora.items() if not k.startswith(TE_KEY_PREFIX)}
     with cc.capture_lora_warnings() as unloaded:
         new_model, new_clip = cc.apply_lora(model, clip, lora, strength_model, strength_clip)
     if unloaded:

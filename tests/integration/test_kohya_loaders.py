@@ -140,6 +140,17 @@ def kohya_and_comfy_agree(dojo, network, kohya_sd: dict, patcher, lora: dict, co
     return len(modules)
 
 
+def as_transformers_4(text_encoder: torch.nn.Module) -> torch.nn.Module:
+    """kohya names text-encoder modules after transformers 4's CLIPTextModel, whose layers sit under
+    `text_model.` (sd-scripts pins transformers 4.x); transformers 5's CLIPTextModel drops that level.
+    The same modules under a `text_model` attribute give kohya the names it has with its own pin."""
+    if any(name.startswith("text_model.") for name, _ in text_encoder.named_modules()):
+        return text_encoder
+    holder = torch.nn.Module()
+    holder.text_model = text_encoder
+    return holder
+
+
 def test_sd15_file_loads_in_kohya_lora_py(comfy, dojo, kohya, tmp_path):
     from transformers import CLIPTextConfig, CLIPTextModel
     patcher = meta_patcher("SD15", SD15_UNET)
@@ -187,3 +198,46 @@ def test_flux_file_loads_in_kohya_lora_flux_py(comfy, dojo, kohya, tmp_path, pre
     # Flux's 19 + 38 blocks has the same layout, and a full-size comparison of all takes minutes here)
     first_blocks = lambda name: "_blocks_0_" in name
     assert kohya_and_comfy_agree(dojo, network, weights, patcher, lora, compare=first_blocks) == len(lora) // 3
+
+
+def test_sdxl_text_encoder_keys_load_in_comfy_and_kohya(comfy, dojo, kohya, smallest_sdxl_checkpoint, tmp_path):
+    """SDXL's lora_te1_ (CLIP-L) / lora_te2_ (CLIP-G) keys as the text-encoder LoRA writes them: ComfyUI
+    applies them all through strength_clip, kohya's lora.py builds and loads every one of them with the
+    same weight change."""
+    import safetensors.torch
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from test_textual_inversion_nodes import load_checkpoint
+    te_lora = importlib.import_module(dojo.comfy_model.__name__.replace("comfy_model", "te_lora"))
+    model, clip, _ = load_checkpoint(comfy, smallest_sdxl_checkpoint)
+    modules = te_lora.te_modules(clip, dojo.protocol.Family.SDXL, te_lora.TeTargets.ATTENTION_MLP)
+    g = torch.Generator().manual_seed(9)
+    factors = {n: (torch.randn(RANK, m.in_features, generator=g), torch.randn(m.out_features, RANK, generator=g))
+               for n, m in modules.items()}
+    lora = te_lora.te_lora_keys(dojo.protocol.Family.SDXL, factors)
+    assert {k.split("text_model")[0] for k in lora} == {"lora_te1_", "lora_te2_"}
+    with dojo.comfy_compat.capture_lora_warnings() as unloaded:
+        _, patched = dojo.comfy_compat.apply_lora(model, clip, lora, 0.0, 0.7)
+    assert unloaded == [] and len(patched.patcher.patches) == len(modules) == (12 + 32) * 6
+
+    path = tmp_path / "sdxl_te.safetensors"
+    safetensors.torch.save_file(lora, str(path))
+    with torch.device("meta"):
+        unet = kohya.library_sdxl_original_unet.SdxlUNet2DConditionModel()
+        te1 = as_transformers_4(CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072,
+                                                             num_attention_heads=12, num_hidden_layers=12)))
+        te2 = as_transformers_4(CLIPTextModelWithProjection(CLIPTextConfig(
+            hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32)))
+    network, weights = kohya.networks_lora.create_network_from_weights(
+        0.7, str(path), None, [te1, te2], unet, for_inference=True)
+    network.apply_to([te1, te2], unet, apply_text_encoder=True, apply_unet=False)
+    info = network.load_state_dict(weights, strict=False)
+    assert info.unexpected_keys == [] and info.missing_keys == []
+    assert len(network.text_encoder_loras) == len(modules)
+    comfy_lora = importlib.import_module("comfy.lora")  # `comfy` is the harness here
+    key_map = comfy_lora.model_lora_keys_clip(clip.cond_stage_model, {})
+    for module in network.text_encoder_loras:
+        assert module.scale == 1.0
+        delta = module.get_weight().float()
+        key = key_map[module.lora_name]
+        ours = comfy_lora.calculate_weight(patched.patcher.patches[key], torch.zeros(delta.shape), key)
+        torch.testing.assert_close(delta, ours.float(), rtol=1e-5, atol=1e-5)

@@ -76,6 +76,9 @@ def test_comfy_applies_the_te_keys_through_strength_clip(comfy, dojo, sd15, trai
     from importlib import import_module
     lora_nodes = import_module(dojo.lora_training.__name__.replace("lora_training", "lora_nodes"))
     lora_nodes.DojoApplyLoRA.execute(model, result.lora, 1.0, clip, 1.0)
+    applied, no_clip = lora_nodes.DojoApplyLoRA.execute(model, result.lora, 1.0).result  # model only: te keys left out
+    assert no_clip is None and len(applied.patches) == sum(k.startswith("lora_unet_") and k.endswith(".alpha")
+                                                           for k in result.lora)
 
 
 def test_diffusers_loads_the_te_keys_into_the_text_encoder_with_the_same_change(comfy, dojo, sd15, trained, tmp_path):
