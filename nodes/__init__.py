@@ -7,6 +7,7 @@ from .dataset_nodes import DojoEncodeDataset, DojoLoadImageDataset
 from .embedding_nodes import DojoApplyEmbedding, DojoLoadEmbedding, DojoSaveEmbedding, DojoTrainTextualInversion
 from .lora_nodes import DojoApplyLoRA, DojoLoadLoRA, DojoSaveLoRA
 from .model_info import DojoModelInfo
+from .pivotal import DojoLoRAEmbedding, DojoPivotalEmbedding
 from .share_nodes import DojoAdapterInfo, DojoExportModelCard, DojoPublishToHub
 from .train_lora import DojoTrainLoRA
 
@@ -25,6 +26,8 @@ NODES: list[type[io.ComfyNode]] = [
     DojoApplyEmbedding,
     DojoSaveEmbedding,
     DojoLoadEmbedding,
+    DojoPivotalEmbedding,
+    DojoLoRAEmbedding,
     DojoModelInfo,
     DojoAdapterInfo,
     DojoExportModelCard,

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from .. import __version__
+from ..training.file_metadata import embedding_file_keys
 from ..training.files import next_free_path, save_safetensors_new
 from ..training.loop import LRSchedule, Precision, TrainConfig
 from ..training.loss_plot import render_loss_plot
@@ -212,6 +213,8 @@ class DojoSaveEmbedding(io.ComfyNode):
                     "dojo_num_vectors": str(embedding.num_vectors)}
         if base_model_name:
             metadata["dojo_base_model"] = base_model_name
+        if metadata["dojo_family"] != "unknown":
+            metadata.update(embedding_file_keys(metadata["dojo_family"], name=path.stem))
         metadata = sharing_metadata("embedding", metadata, *cc.hidden_graph(cls))
         tensors = embedding_file_tensors(embedding.vectors)
         with out_of_memory_as("saving the embedding", "num_vectors"):

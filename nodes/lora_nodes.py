@@ -8,9 +8,11 @@ from pathlib import Path
 import torch
 
 from .. import __version__
+from ..training.file_metadata import for_file
 from ..training.files import next_free_path, save_safetensors_new
 from ..training.lora_formats import check_lora_tensors
 from ..training.sharing import sharing_metadata
+from ..training.textual_inversion import bundle_tensors, split_bundle
 from . import comfy_compat as cc
 from .comfy_compat import io
 from .failures import out_of_memory_as
@@ -19,6 +21,7 @@ from .paths import resolve_inside
 
 log = logging.getLogger("comfyui-dojo")
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+TE_KEY_PREFIX = "lora_te"  # kohya's text-encoder keys: lora_te_, lora_te1_, lora_te2_
 
 
 class LoraDoesNotFit(ValueError):
@@ -43,6 +46,8 @@ def apply_checked(model, clip, lora: dict, strength_model: float, strength_clip:
             raise LoraDoesNotFit(f"{len(mismatched)} LoRA layers have shapes that do not fit this model (e.g. "
                                  f"{mismatched[0]}): it was made for another size of this model family. "
                                  "Nothing was applied.")
+    if clip is None:  # a LoRA with text-encoder keys applied to the model only: those keys are not for it
+        lora = {k: v for k, v in lora.items() if not k.startswith(TE_KEY_PREFIX)}
     with cc.capture_lora_warnings() as unloaded:
         new_model, new_clip = cc.apply_lora(model, clip, lora, strength_model, strength_clip)
     if unloaded:
@@ -117,11 +122,26 @@ class DojoSaveLoRA(io.ComfyNode):
             metadata["dojo_base_model"] = metadata["ss_sd_model_name"] = base_model_name
         metadata = sharing_metadata("lora", metadata, *cc.hidden_graph(cls))
         dtype = SAVE_DTYPES[save_dtype]
+        tensors = {k: v.to(dtype) for k, v in lora.items()}
+        embedding = getattr(lora, "embedding", None)
+        if embedding is not None:  # pivotal tuning: the embedding travels inside the file, as A1111 reads it
+            tensors.update({k: v.float() for k, v in bundle_tensors(embedding.name, embedding.vectors).items()})
+            metadata["dojo_bundled_embedding"] = embedding.name
+        metadata = for_file(metadata, tensors, path.stem, metadata.get("dojo_trigger_word"))
         with out_of_memory_as("saving the LoRA", "save_dtype (fp16 needs half of fp32) or the rank it was trained with"):
-            save_safetensors_new(path, {k: v.to(dtype) for k, v in lora.items()}, metadata)
+            save_safetensors_new(path, tensors, metadata)
         relative = str(path.relative_to(root))
         log.info("Dojo: saved LoRA to %s", path)
         return io.NodeOutput(relative, ui={"text": [relative]})
+
+
+def bundled_embedding(bundled: dict):
+    """The first embedding a LoRA file bundles (pivotal tuning), as a DojoEmbedding; None if it has none."""
+    if not bundled:
+        return None
+    from .ti_training import DojoEmbedding
+    name, vectors = next(iter(bundled.items()))
+    return DojoEmbedding(name, {k: v.float() for k, v in vectors.items()}, {"dojo_bundled_in_lora": "true"})
 
 
 def read_lora_file(path: Path) -> DojoLoRA:
@@ -132,11 +152,11 @@ def read_lora_file(path: Path) -> DojoLoRA:
         try:
             with safetensors.safe_open(str(path), "pt") as f:
                 metadata = f.metadata() or {}
-            tensors = safetensors.torch.load_file(str(path))
+            tensors, bundled = split_bundle(safetensors.torch.load_file(str(path)))
         except Exception as e:
             raise ValueError(f"cannot read LoRA file {path.name}: {e}. Is it a complete .safetensors file?") from e
         check_lora_tensors(tensors, f"LoRA file {path.name}")
-        return DojoLoRA(tensors, metadata)
+        return DojoLoRA(tensors, metadata, bundled_embedding(bundled))
     try:
         data = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:

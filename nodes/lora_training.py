@@ -17,6 +17,7 @@ from ..training.adapters import AdapterConfig, AdapterType, attach_adapter
 from ..training.batches import BatchSchedule, Sample
 from ..training.checkpoints import RunCheckpoints
 from ..training.encoded import EncodedDataset
+from ..training.file_metadata import latent_resolution, lora_file_keys
 from ..training.loop import Callbacks, TrainConfig, TrainState, train
 from ..training.lora_formats import check_lora_tensors, factors_from_state_dict, lora_state_dict
 from ..training.protocol import Family, TargetPreset
@@ -25,16 +26,19 @@ from .comfy_model import trainable_view
 from .failures import training_failures
 from .grad_protection import training_region
 from .progress import TrainingProgress
+from .te_lora import JointTrainable, TextEncoderJob, pivotal_embedding, text_encoder_session
 
 log = logging.getLogger("comfyui-dojo")
 
 
 class DojoLoRA(dict):
-    """A LoRA in its file layout (what ComfyUI's LoRA loaders read), plus the metadata Save writes."""
+    """A LoRA in its file layout (what ComfyUI's LoRA loaders read), plus the metadata Save writes and,
+    after pivotal tuning, the embedding trained with it (a DojoEmbedding; Save bundles it in the file)."""
 
-    def __init__(self, tensors: dict, metadata: dict | None = None):
+    def __init__(self, tensors: dict, metadata: dict | None = None, embedding=None):
         super().__init__(tensors)
         self.metadata = dict(metadata or {})
+        self.embedding = embedding
 
 
 @dataclass
@@ -49,6 +53,7 @@ class LoraJob:
     checkpoint_dir: Path | None = None
     resume_from: Path | None = None
     init_lora: dict | None = None        # continue from an existing LoRA's weights (a fresh run otherwise)
+    text_encoder: TextEncoderJob | None = None  # also train a LoRA on the CLIP (te_lora.py)
     extra_metadata: dict = field(default_factory=dict)
 
 
@@ -65,7 +70,10 @@ def run_identity(job: LoraJob, family: Family, dataset: EncodedDataset) -> dict:
     return {"family": family.value, "adapter": AdapterType(job.adapter.kind).value, "rank": job.adapter.rank,
             "alpha": job.adapter.alpha, "targets": job.targets.value, "batch_size": job.batch_size,
             "dataset_fingerprint": dataset.fingerprint, "steps": job.train.steps,
-            **job.train.to_dict()}
+            **job.train.to_dict(),
+            **({"text_encoder_lr": job.text_encoder.learning_rate, "te_targets": job.text_encoder.targets.value,
+                "pivotal": None if job.text_encoder.embedding is None else vars(job.text_encoder.embedding)}
+               if job.text_encoder is not None else {})}
 
 
 def train_lora(model_patcher, dataset: EncodedDataset, job: LoraJob) -> LoraResult:
@@ -79,7 +87,8 @@ def train_lora(model_patcher, dataset: EncodedDataset, job: LoraJob) -> LoraResu
         batch_size = len(dataset)
     progress = TrainingProgress(job.train.steps)
 
-    with trainable_view(model_patcher) as view:
+    with trainable_view(model_patcher) as view, \
+            text_encoder_session(job.text_encoder, view.family, job.adapter, job.train.seed) as te:
         patcher = view.patcher
         device = cc.compute_device(patcher)
         for shape in {tuple(s.latent.shape): s.latent for s in dataset.samples}.values():
@@ -88,7 +97,12 @@ def train_lora(model_patcher, dataset: EncodedDataset, job: LoraJob) -> LoraResu
         run = run_identity(job, view.family, dataset)
         adapter = attach_adapter(view.diffusion_model, view.adaptable_modules(job.targets), job.adapter,
                                  seed=job.train.seed)
-        checkpoints = RunCheckpoints(job.checkpoint_dir, run, adapter)
+        model, trainable = view, adapter
+        if te is not None:  # conditioning from the captions' tokens each step, through the adapted CLIP
+            samples, unique = te.conditioned_samples(samples, dataset.captions)
+            model = te.model(view, unique)
+            trainable = JointTrainable({"unet": (adapter, job.train.learning_rate, 1.0), **te.trainables()})
+        checkpoints = RunCheckpoints(job.checkpoint_dir, run, trainable)
         diffusers_names = cc.sd_unet_diffusers_names(patcher) if view.family in (Family.SD15, Family.SDXL) else None
 
         try:
@@ -106,12 +120,15 @@ def train_lora(model_patcher, dataset: EncodedDataset, job: LoraJob) -> LoraResu
             with training_failures(checkpoints, progress), \
                     training_region(patcher, job.gradient_checkpointing, job.blocks_to_swap, device):
                 state, optimizer, scheduler = train(
-                    view, adapter, BatchSchedule(samples, batch_size, job.train.seed), job.train, device=device,
+                    model, trainable, BatchSchedule(samples, batch_size, job.train.seed), job.train, device=device,
                     state=state, optimizer_state=optimizer_state, callbacks=callbacks,
                     checkpoint_every=job.checkpoint_every)
             cancelled = state.step < job.train.steps
             checkpoints.write_final(state, optimizer, scheduler)
             tensors = lora_state_dict(view.family, adapter.export_factors(), diffusers_names)
+            if te is not None:
+                tensors.update(te.file_tensors())
+                vectors = te.trained_vectors()
         finally:
             adapter.detach()
     metadata = {"dojo_family": view.family.value, "dojo_steps": str(state.step),
@@ -123,6 +140,14 @@ def train_lora(model_patcher, dataset: EncodedDataset, job: LoraJob) -> LoraResu
                                              "gradient_checkpointing": job.gradient_checkpointing,
                                              "checkpoint_every": job.checkpoint_every,
                                              "dataset_size": len(dataset)}, sort_keys=True, default=str),
+                **lora_file_keys(view.family, resolution=latent_resolution([tuple(s.latent.shape) for s in samples]),
+                                 captions=dataset.captions, dataset_name=str(dataset.info.get("source") or ""),
+                                 unet_lr=job.train.learning_rate, prediction=view.schedule.prediction.value,
+                                 text_encoder_lr=job.text_encoder.learning_rate if job.text_encoder else None,
+                                 trigger_phrase=dataset.info.get("trigger_word") or None),
                 **job.extra_metadata}
     lora = DojoLoRA({k: v.cpu() for k, v in tensors.items()}, metadata)
+    pivotal = job.text_encoder.embedding if job.text_encoder is not None else None
+    if pivotal is not None:
+        lora.embedding = pivotal_embedding(pivotal, vectors, view.family, state.step)
     return LoraResult(lora, list(state.losses), state.step, cancelled, checkpoints.last)

@@ -22,7 +22,8 @@ from .comfy_model import ComfyDenoisingModel
 from .failures import report_cancel
 from .lora_training import LoraJob, train_lora
 from .paths import resolve_inside
-from .types import EncodedDatasetType
+from .te_lora import TeTargets, pivotal_for, text_encoder_job
+from .types import EncodedDatasetType, PivotalType
 
 log = logging.getLogger("comfyui-dojo")
 AUTO = "auto"
@@ -168,6 +169,19 @@ class DojoTrainLoRA(io.ComfyNode):
                 io.LoraModel.Input("continue_from", optional=True,
                                    tooltip="Optional: a LoRA (e.g. from Dojo Load LoRA) to start from instead of "
                                            "a fresh one; it must be a plain LoRA of the same family, targets and rank."),
+                io.Clip.Input("clip", optional=True,
+                              tooltip="Optional: the CLIP of the same checkpoint, to also train a LoRA on its text "
+                                      "encoder(s) (SD1.5 CLIP-L, SDXL CLIP-L + CLIP-G, Flux CLIP-L); needs "
+                                      "text_encoder_lr > 0. The CLIP itself is not changed."),
+                io.Float.Input("text_encoder_lr", default=0.0, min=0.0, max=10.0, step=1e-6, optional=True,
+                               tooltip="Learning rate of the text-encoder LoRA (e.g. 5e-5); 0 = the text encoder "
+                                       "is not trained. While it trains, captions are encoded every step."),
+                io.Combo.Input("te_targets", options=[t.value for t in TeTargets], default=TeTargets.ATTENTION_MLP.value,
+                               optional=True, tooltip="Text-encoder layers to adapt: attention, or attention + MLP."),
+                PivotalType.Input("pivotal", optional=True,
+                                  tooltip="Optional, from Dojo Pivotal Embedding (needs clip): also train the trigger "
+                                          "word's new embedding with the LoRA (pivotal tuning, SD1.5 / SDXL). Dojo "
+                                          "LoRA Embedding takes it out; Save LoRA bundles it in the file."),
             ],
             outputs=[
                 io.LoraModel.Output(display_name="lora", tooltip="The trained LoRA, for Dojo Apply/Save LoRA."),
@@ -180,7 +194,8 @@ class DojoTrainLoRA(io.ComfyNode):
     def execute(cls, model, dataset, steps, batch_size, grad_accumulation, learning_rate, rank, alpha, adapter,
                 targets, optimizer, lr_schedule, warmup_steps, timestep_sampling, shift, min_snr_gamma,
                 noise_offset, gradient_checkpointing, precision, seed, checkpoint_every, run_name,
-                resume_from="", blocks_to_swap=0, continue_from=None) -> io.NodeOutput:
+                resume_from="", blocks_to_swap=0, continue_from=None, clip=None, text_encoder_lr=0.0,
+                te_targets=TeTargets.ATTENTION_MLP.value, pivotal=None) -> io.NodeOutput:
         view = ComfyDenoisingModel(model)
         auto = resolve_auto_settings(view, rank=rank, learning_rate=learning_rate, targets=targets,
                                      timestep_sampling=timestep_sampling, shift=shift,
@@ -201,6 +216,7 @@ class DojoTrainLoRA(io.ComfyNode):
             blocks_to_swap=blocks_to_swap,
             checkpoint_every=checkpoint_every, checkpoint_dir=folders.run_dir, resume_from=folders.resume,
             init_lora=continue_from,
+            text_encoder=text_encoder_job(clip, text_encoder_lr, te_targets, pivotal_for(pivotal, dataset)),
             extra_metadata=dataset_metadata(dataset))
         result = train_lora(model, dataset, job)
         if result.cancelled:

@@ -100,8 +100,12 @@ def lr_factor(config: TrainConfig, step: int) -> float:
 
 
 def make_optimizer(params, config: TrainConfig):
+    """`params`: parameters, or param groups with their own "lr" and "until" (the fraction of the steps
+    the group trains; its learning rate is 0 afterwards), e.g. a LoRA and an embedding trained together."""
     optimizer = make_base_optimizer(config.optimizer, params, config.learning_rate, config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(config, s))
+    untils = [group.get("until", 1.0) for group in optimizer.param_groups]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [
+        (lambda s, stop=until * config.steps: lr_factor(config, s) if s < stop else 0.0) for until in untils])
     return optimizer, scheduler
 
 
@@ -131,7 +135,8 @@ def train(model: DenoisingModel, adapter: AttachedAdapter, data: BatchSchedule, 
     state = state or TrainState()
     device = torch.device(device)
     params = adapter.parameters()
-    optimizer, scheduler = make_optimizer(params, config)
+    groups = adapter.param_groups() if hasattr(adapter, "param_groups") else None
+    optimizer, scheduler = make_optimizer(groups or params, config)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state["optimizer"])
         scheduler.load_state_dict(optimizer_state["scheduler"])

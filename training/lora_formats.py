@@ -1,7 +1,10 @@
 """LoRA file layouts that ComfyUI, diffusers and A1111 read (DESIGN.md section 4).
 
-Alpha/rank is baked into the up matrix and no `.alpha` key is written, so every loader applies the
-same delta: up @ down. Module names come in the model's native (ComfyUI / original) layout; SD UNets
+Alpha/rank is baked into the up matrix, so every loader applies the same delta: up @ down. kohya-style
+files (`lora_unet_*`, `lora_te*_*`) also carry `<module>.alpha` = rank, which every loader reads as a
+scale of 1: kohya's Flux loader (`networks/lora_flux.py`) requires one per module, and ComfyUI and
+diffusers read alpha = rank exactly as no alpha. The musubi/diffusers `lora_A/B` layout (HunyuanVideo)
+has no alpha key. Module names come in the model's native (ComfyUI / original) layout; SD UNets
 additionally need the diffusers name of each module, which the caller supplies (ComfyUI knows it).
 """
 from __future__ import annotations
@@ -26,12 +29,13 @@ _HUNYUAN_RENAMES = [
 
 
 def kohya_keys(factors: Factors, prefix: str = "lora_unet_") -> dict[str, torch.Tensor]:
-    """`<prefix><module path with . -> _>.lora_down/.lora_up.weight`."""
+    """`<prefix><module path with . -> _>.lora_down/.lora_up.weight` and `.alpha` (= rank)."""
     out = {}
     for name, (down, up) in factors.items():
         key = prefix + name.replace(".", "_")
         out[f"{key}.lora_down.weight"] = down
         out[f"{key}.lora_up.weight"] = up
+        out[f"{key}.alpha"] = torch.tensor(float(down.shape[0]))
     return out
 
 
@@ -66,12 +70,10 @@ def factors_from_state_dict(family: Family, state: dict[str, torch.Tensor], modu
                             diffusers_names: dict[str, str] | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """The inverse of `lora_state_dict` for the modules in `module_names`: (down, up) per module found in
     a file. Keys that belong to none of those modules are reported, never silently dropped."""
-    expected = lora_state_dict(family, {n: (torch.empty(0), torch.empty(0)) for n in module_names}, diffusers_names)
-    by_key = {}
-    keys = list(expected)
-    for name, down_key, up_key in zip(module_names, keys[0::2], keys[1::2]):
-        by_key[down_key] = (name, 0)
-        by_key[up_key] = (name, 1)
+    if Family(family) in (Family.SD15, Family.SDXL) and diffusers_names is None:
+        raise ValueError("SD UNet LoRAs need the diffusers name of each module")
+    by_key = {key: (name, slot) for name in module_names
+              for slot, key in enumerate(_module_keys(family, name, diffusers_names))}
     unknown = sorted(k for k in state if k not in by_key)
     if unknown:
         raise ValueError(f"{len(unknown)} tensors of the LoRA belong to no layer of the chosen targets "
@@ -79,11 +81,12 @@ def factors_from_state_dict(family: Family, state: dict[str, torch.Tensor], modu
     pairs: dict[str, list] = {}
     for key, tensor in state.items():
         name, slot = by_key[key]
-        pairs.setdefault(name, [None, None])[slot] = tensor.float()
-    missing = [n for n, (d, u) in pairs.items() if d is None or u is None]
+        pairs.setdefault(name, [None, None, None])[slot] = tensor.float()
+    missing = [n for n, (d, u, _) in pairs.items() if d is None or u is None]
     if missing:
         raise ValueError(f"the LoRA lacks the down or up half of {len(missing)} layers (e.g. {missing[:2]})")
-    return {n: (d, u) for n, (d, u) in pairs.items()}
+    # A file from another trainer may hold alpha != rank: fold its scale into up, as Dojo's own files have it.
+    return {n: (d, u if a is None else u * (a.item() / d.shape[0])) for n, (d, u, a) in pairs.items()}
 
 
 def check_lora_tensors(tensors: dict[str, torch.Tensor], source: str) -> None:
@@ -101,3 +104,13 @@ def check_lora_tensors(tensors: dict[str, torch.Tensor], source: str) -> None:
                              "LoRA is broken (a diverged training run?) and would spoil every image: retrain it or "
                              "use an earlier file")
 
+
+def _module_keys(family: Family, name: str, diffusers_names: dict[str, str] | None) -> list[str]:
+    """The (down, up, alpha) keys of module `name` in `family`'s layout."""
+    family = Family(family)
+    if family is Family.HUNYUAN_VIDEO:
+        key = f"diffusion_model.{hunyuan_video_name(name)}"
+        return [f"{key}.lora_A.weight", f"{key}.lora_B.weight", f"{key}.alpha"]
+    path = diffusers_names[name] if family in (Family.SD15, Family.SDXL) else name
+    key = "lora_unet_" + path.replace(".", "_")
+    return [f"{key}.lora_down.weight", f"{key}.lora_up.weight", f"{key}.alpha"]

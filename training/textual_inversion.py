@@ -162,6 +162,30 @@ def embedding_file_tensors(vectors: dict[str, torch.Tensor]) -> dict[str, torch.
     raise ValueError(f"cannot write an embedding for encoders {sorted(keys)}")
 
 
+BUNDLE_PREFIX = "bundle_emb"
+
+
+def bundle_tensors(name: str, vectors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An embedding inside a LoRA file, as A1111 reads it (extensions-builtin/Lora/networks.py, load_network:
+    `bundle_emb.<name>.string_to_param.*` for SD1.5, `bundle_emb.<name>.clip_l` / `.clip_g` for SDXL)."""
+    tensors = embedding_file_tensors(vectors)
+    if set(tensors) == {"emb_params"}:
+        return {f"{BUNDLE_PREFIX}.{name}.string_to_param.*": tensors["emb_params"]}
+    return {f"{BUNDLE_PREFIX}.{name}.{k}": v for k, v in tensors.items()}
+
+
+def split_bundle(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+    """(the LoRA's own tensors, {embedding name: vectors}) of a file that may bundle embeddings."""
+    lora, bundled = {}, {}
+    for key, value in tensors.items():
+        if key.startswith(BUNDLE_PREFIX + "."):
+            _, name, rest = key.split(".", 2)
+            bundled.setdefault(name, {})["clip_l" if rest.startswith("string_to_param") else rest] = value
+        else:
+            lora[key] = value
+    return lora, bundled
+
+
 def vectors_from_file(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Read the layouts above (and A1111's `string_to_param` / a single tensor of width 768)."""
     if "clip_l" in tensors or "clip_g" in tensors:

@@ -338,6 +338,59 @@ def sdxl_lora(comfy) -> Workflow:
     return w
 
 
+def sdxl_pivotal(comfy) -> Workflow:
+    w = Workflow(comfy, "dojo_sdxl_pivotal_tuning")
+    w.group("Step 1 - Load SDXL")
+    w.note("SDXL pivotal tuning: a LoRA and a new embedding for the trigger word, trained together in one "
+           "run. The trigger word then carries what the LoRA learnt, and the embedding combines with other "
+           "words and embeddings in prompts.\n\n"
+           "Model: models/checkpoints/sd_xl_base_1.0.safetensors (UNet, CLIP-L + CLIP-G and the VAE). "
+           "~14-18 GB of GPU memory at 1024 with gradient checkpointing: the text encoders run every step "
+           "because the embedding trains.", title="Read me")
+    ckpt = w.add("CheckpointLoaderSimple", ckpt_name="sd_xl_base_1.0.safetensors")
+    enc = dataset_group(
+        w, ckpt, ckpt,
+        "Put 10-30 images of your subject in ComfyUI/input/ohwx_dog, with or without .txt captions. The "
+        "trigger word ohwx is put in front of every caption (or where a caption says [trigger]); during "
+        "training it is replaced by the new embedding.",
+        folder="ohwx_dog", trigger_word="ohwx", resolution=1024, min_side=512, max_side=2048)
+    trainer = train_group(
+        w, ckpt, enc,
+        "Dojo Pivotal Embedding turns the trigger word into a new embedding (2 vectors per text encoder, "
+        "starting from 'dog') with its own learning rate 1e-3; train_fraction 0.5 stops it halfway while "
+        "the LoRA (rank 16, 1e-4, 1500 steps) goes on. Train LoRA needs the CLIP for this: the captions "
+        "are encoded each step with the embedding spliced in; the CLIP itself is not changed.\n\n"
+        "The loss graph shows on the node while it trains; cancel keeps a checkpoint.",
+        dict(steps=1500, rank=16, learning_rate=1e-4, min_snr_gamma=5.0, precision="bf16",
+             checkpoint_every=500, seed=42), "ohwx_dog_pivotal")
+    pivotal = w.add("DojoPivotalEmbedding", node_width=340, embedding_name="ohwx_dog", trigger_word="ohwx",
+                    num_vectors=2, init_word="dog", learning_rate=1e-3, train_fraction=0.5)
+    w.link(ckpt, "CLIP", trainer, "clip")
+    w.link(pivotal, "pivotal", trainer, "pivotal")
+    w.group("Step 4 - Preview: apply the pair and sample")
+    w.note("Dojo Apply LoRA patches copies of the model and CLIP; Dojo LoRA Embedding takes the trained "
+           "embedding out of the LoRA and Dojo Apply Embedding teaches it to the CLIP, so the prompt can say "
+           "embedding:ohwx_dog. Once saved (Step 5), the same pair is LoraLoader + embedding:<file name> "
+           "in any ComfyUI graph; A1111 reads the embedding bundled in the LoRA file.", title="Preview")
+    apply = w.add("DojoApplyLoRA", strength_model=1.0, strength_clip=1.0)
+    w.link(ckpt, "MODEL", apply, "model")
+    w.link(trainer, "lora", apply, "lora")
+    w.link(ckpt, "CLIP", apply, "clip")
+    emb = w.add("DojoLoRAEmbedding")
+    w.link(trainer, "lora", emb, "lora")
+    taught = w.add("DojoApplyEmbedding", name="ohwx_dog")
+    w.link(apply, "clip", taught, "clip")
+    w.link(emb, "embedding", taught, "embedding")
+    sd_text_to_image(w, (apply, "model"), (taught, "clip"), ckpt,
+                     "a photo of embedding:ohwx_dog dog running on a beach, golden hour",
+                     "blurry, low quality, watermark", 1024, "dojo/ohwx_dog_pivotal")
+    save_group(w, trainer, "dojo/ohwx_dog_pivotal", "ohwx", "sd_xl_base_1.0.safetensors")
+    save_emb = w.add("DojoSaveEmbedding", node_width=340, filename_prefix="ohwx_dog", save_dtype="fp32",
+                     base_model_name="sd_xl_base_1.0.safetensors")
+    w.link(emb, "embedding", save_emb, "embedding")
+    return w
+
+
 # ----------------------------------------------------------------------- SD1.5 textual inversion
 
 def sd15_textual_inversion(comfy) -> Workflow:
@@ -478,6 +531,7 @@ def hunyuan_lora(comfy, clips: bool) -> Workflow:
 WORKFLOWS = {
     "dojo_flux_lora_trigger_word": flux_lora,
     "dojo_sdxl_lora_captions": sdxl_lora,
+    "dojo_sdxl_pivotal_tuning": sdxl_pivotal,
     "dojo_sd15_textual_inversion": sd15_textual_inversion,
     "dojo_hunyuan_video_lora_images": lambda c: hunyuan_lora(c, clips=False),
     "dojo_hunyuan_video_lora_clips": lambda c: hunyuan_lora(c, clips=True),
@@ -526,6 +580,7 @@ def thumbnail(workflow: dict, path: Path, size=(640, 360)):
 def workflow_title(name: str) -> str:
     return {"dojo_flux_lora_trigger_word": "Dojo: Flux.1 LoRA from images + trigger word",
             "dojo_sdxl_lora_captions": "Dojo: SDXL LoRA from captioned images",
+            "dojo_sdxl_pivotal_tuning": "Dojo: SDXL pivotal tuning (LoRA + trigger-word embedding)",
             "dojo_sd15_textual_inversion": "Dojo: SD1.5 textual inversion, used with weights",
             "dojo_hunyuan_video_lora_images": "Dojo: HunyuanVideo LoRA from captioned images",
             "dojo_hunyuan_video_lora_clips": "Dojo: HunyuanVideo LoRA from video clips"}[name]

@@ -9,7 +9,7 @@ import torch
 
 from inprocess_models import tiny_flux_patcher, tiny_sd15_patcher
 from interrupts import interrupt_in_forward, is_comfy_interrupt
-from test_lora_training import encoded
+from test_lora_training import encoded, lora_modules
 
 pytestmark = pytest.mark.integration
 
@@ -48,7 +48,7 @@ def test_train_save_load_apply_round_trip(comfy, dojo):
     loaded, metadata_json = dojo.lora_nodes.DojoLoadLoRA.execute(saved[0]).result
     assert set(loaded) == set(lora) and '"dojo_family": "sd15"' in metadata_json
     applied, clip = dojo.lora_nodes.DojoApplyLoRA.execute(model, loaded, 1.0).result
-    assert clip is None and len(applied.patches) == len(lora) // 2
+    assert clip is None and len(applied.patches) == lora_modules(lora)
 
 
 def test_save_refuses_paths_that_escape_models_loras(comfy, dojo):
@@ -157,9 +157,9 @@ def test_other_adapter_types_save_as_plain_loras_that_load_everywhere(comfy, doj
     model = tiny_sd15_patcher()
     lora = train_node(dojo, model, encoded(dojo), steps=2, adapter=adapter, learning_rate=1e-2,
                       run_name=f"kind_{adapter}").result[0]
-    assert lora and all(k.endswith((".lora_down.weight", ".lora_up.weight")) for k in lora)
+    assert lora and all(k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in lora)
     applied, _ = dojo.lora_nodes.DojoApplyLoRA.execute(model, lora, 1.0).result  # raises on any unloaded key
-    assert len(applied.patches) == len(lora) // 2
+    assert len(applied.patches) == lora_modules(lora)
 
 
 def test_training_can_continue_from_a_saved_lora_file(comfy, dojo):

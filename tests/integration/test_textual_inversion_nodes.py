@@ -251,6 +251,22 @@ def test_saved_sd15_file_loads_in_comfy_cliptextencode_and_never_overwrites(comf
             nodes.DojoSaveEmbedding.execute(emb, prefix, "fp32")
 
 
+def hf_clip_l(state: dict):
+    """transformers' CLIPTextModel (CLIP-L config) holding `state` (HF key names, as in a checkpoint's
+    cond_stage_model.transformer.*); every weight must come from `state`."""
+    import transformers
+    config = transformers.CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
+                                         num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
+                                         hidden_act="quick_gelu", projection_dim=768)
+    text_encoder = transformers.CLIPTextModel(config).eval()
+    own = set(text_encoder.state_dict())
+    if not any(k.startswith("text_model.") for k in own):  # transformers 5 drops the text_model. prefix
+        state = {k.removeprefix("text_model."): v for k, v in state.items()}
+    missing, _ = text_encoder.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    assert not [k for k in missing if "position_ids" not in k]
+    return text_encoder
+
+
 def test_saved_sd15_file_loads_in_diffusers(comfy, dojo, sd15, tiny_sd15_checkpoint, tmp_path):
     """diffusers' TextualInversionLoaderMixin with a CLIPTextModel holding the checkpoint's CLIP-L and a
     CLIPTokenizer from ComfyUI's bundled files: its prompt encoding equals ComfyUI's."""
@@ -264,15 +280,7 @@ def test_saved_sd15_file_loads_in_diffusers(comfy, dojo, sd15, tiny_sd15_checkpo
     ckpt = safetensors.torch.load_file(str(Path(comfy.folder_paths.get_full_path("checkpoints", tiny_sd15_checkpoint))))
     prefix = "cond_stage_model.transformer."
     state = {k[len(prefix):]: v.float() for k, v in ckpt.items() if k.startswith(prefix)}
-    config = transformers.CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
-                                         num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
-                                         hidden_act="quick_gelu", projection_dim=768)
-    text_encoder = transformers.CLIPTextModel(config).eval()
-    own = set(text_encoder.state_dict())
-    if not any(k.startswith("text_model.") for k in own):  # transformers 5 drops the text_model. prefix
-        state = {k.removeprefix("text_model."): v for k, v in state.items()}
-    missing, _ = text_encoder.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
-    assert not [k for k in missing if "position_ids" not in k]
+    text_encoder = hf_clip_l(state)
     tokenizer = transformers.CLIPTokenizer.from_pretrained(str(Path(comfy.root) / "comfy" / "sd1_tokenizer"))
 
     class Loader(TextualInversionLoaderMixin):  # the mixin without a pipeline: no offloading hooks

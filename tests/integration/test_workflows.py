@@ -20,7 +20,8 @@ pytestmark = pytest.mark.integration
 
 WORKFLOW_DIR = REPO_ROOT / "workflows"
 WORKFLOWS = sorted(p.stem for p in WORKFLOW_DIR.glob("*.json"))
-EXPECTED = {"dojo_flux_lora_trigger_word", "dojo_sdxl_lora_captions", "dojo_sd15_textual_inversion",
+EXPECTED = {"dojo_flux_lora_trigger_word", "dojo_sdxl_lora_captions", "dojo_sdxl_pivotal_tuning",
+            "dojo_sd15_textual_inversion",
             "dojo_hunyuan_video_lora_images", "dojo_hunyuan_video_lora_clips"}
 
 
@@ -61,6 +62,9 @@ def stand_ins(comfy, tiny_clip_l, tiny_flux_vae, tiny_video_vae, tiny_hunyuan_vi
     sdxl = fresh_folder(comfy, "sdxl_captioned")
     image(sdxl / "a.png", (64, 64), (180, 120, 40), "a brown square, flat colour")
     image(sdxl / "b.png", (64, 64), (40, 120, 180), "a blue square, flat colour")
+    dog = fresh_folder(comfy, "ohwx_dog")  # pivotal tuning: captions with and without the trigger word
+    image(dog / "a.png", (64, 64), (150, 110, 60), "[trigger] dog sitting on grass")
+    image(dog / "b.png", (64, 64), (160, 120, 70), "a dog on a sofa")
     hv_images = fresh_folder(comfy, "hunyuan_images")
     image(hv_images / "a.png", (64, 64), (120, 30, 30), "a red square standing still")
     image(hv_images / "b.png", (64, 64), (30, 30, 120), "[trigger] a blue square")
@@ -279,6 +283,20 @@ def test_flux_workflow_runs(comfy, stand_ins):
 def test_sdxl_workflow_runs(comfy, stand_ins):
     _, out = run_workflow(comfy, "dojo_sdxl_lora_captions")
     check_saved_lora(comfy, out, "", "sd_xl_base_1.0.safetensors")
+    output_files(comfy, out["SaveImage"][0]["images"])
+
+
+def test_sdxl_pivotal_workflow_runs_and_saves_the_pair(comfy, stand_ins):
+    _, out = run_workflow(comfy, "dojo_sdxl_pivotal_tuning")
+    saved = check_saved_lora(comfy, out, "ohwx", "sd_xl_base_1.0.safetensors")
+    with safetensors.safe_open(str(comfy.base / "models" / "loras" / saved), "pt") as f:
+        bundle = sorted(k for k in f.keys() if k.startswith("bundle_emb."))
+        assert f.metadata()["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert bundle == ["bundle_emb.ohwx_dog.clip_g", "bundle_emb.ohwx_dog.clip_l"]
+    emb = out["DojoSaveEmbedding"][0]["text"][0]
+    path = comfy.base / "models" / "embeddings" / (emb.split(":", 1)[1] + ".safetensors")
+    with safetensors.safe_open(str(path), "pt") as f:
+        assert sorted(f.keys()) == ["clip_g", "clip_l"] and tuple(f.get_tensor("clip_g").shape) == (2, 1280)
     output_files(comfy, out["SaveImage"][0]["images"])
 
 
