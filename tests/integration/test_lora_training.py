@@ -203,3 +203,31 @@ def test_gradient_checkpointing_really_recomputes_the_blocks(comfy, dojo, family
     assert len(adapted) >= len(units) // 2
     assert all(calls[id(u)] == 2 for u in adapted), sorted(calls[id(u)] for u in adapted)
     assert set(ran) <= {1, 2}, sorted(set(calls.values()))
+
+
+def test_comfy_training_flag_is_set_only_while_training(comfy, dojo):
+    """On 0.33 ComfyUI's own `in_training` flag routes RoPE through differentiable torch ops: Dojo sets it
+    for the training region and puts the previous value back, also when training fails; 0.8 has no flag
+    and gets none."""
+    import comfy.model_management as mm
+    had_flag = hasattr(mm, "in_training")
+    patcher = tiny_flux_patcher()
+    seen = []
+    hook = patcher.model.diffusion_model.register_forward_pre_hook(
+        lambda m, a: seen.append(getattr(mm, "in_training", None)))
+    try:
+        dojo.lora_training.train_lora(patcher, encoded(dojo, "flux"), job(dojo, steps=1))
+        assert seen and set(seen) == ({True} if had_flag else {None})
+        assert getattr(mm, "in_training", None) is (False if had_flag else None)
+
+        def fail(m, a):
+            raise RuntimeError("boom")
+        failing = patcher.model.diffusion_model.register_forward_pre_hook(fail)
+        try:
+            with pytest.raises(RuntimeError, match="boom"):
+                dojo.lora_training.train_lora(patcher, encoded(dojo, "flux"), job(dojo, steps=1))
+        finally:
+            failing.remove()
+        assert getattr(mm, "in_training", None) is (False if had_flag else None)
+    finally:
+        hook.remove()
