@@ -20,7 +20,7 @@ from ..training.timesteps import TimestepSampling
 from . import comfy_compat as cc
 from .comfy_compat import io, ui
 from .comfy_model import ComfyDenoisingModel
-from .dataset_nodes import CACHE_DIR_NAME, encode_latents, epoch0_captions
+from .dataset_nodes import encode_latents, encode_once, epoch0_captions
 from .paths import resolve_inside
 from .ti_training import DojoEmbedding, EmbeddingJob, check_embedding_name, train_embedding
 from .train_lora import AUTO, checkpoint_root, image_tensor, loss_map
@@ -121,10 +121,9 @@ class DojoTrainTextualInversion(io.ComfyNode):
         else:
             resume = None
             run_dir = next_free_path(root, resolve_inside(root, run_name or "dojo_embedding", "run_name").name, "")
-        from ..training.encode_cache import EncodeCache
-        cache = EncodeCache(Path(cc.output_directory()) / CACHE_DIR_NAME) if cache_latents_to_disk else None
         per_item = epoch0_captions(dataset)
-        item_latents = encode_latents(dataset, vae, cache, cc.progress_bar(len(dataset.items)))
+        bar = cc.progress_bar(len(dataset.items))
+        item_latents = encode_once(lambda cache: encode_latents(dataset, vae, cache, bar), cache_latents_to_disk)
         latents, texts = [], []
         for latent, variants in zip(item_latents, per_item):
             for caption in variants:  # repeats share one latent tensor

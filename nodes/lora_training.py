@@ -17,6 +17,7 @@ import torch
 from ..training.adapters import AdapterConfig, AdapterType, attach_adapter
 from ..training.batches import BatchSchedule, Sample
 from ..training.checkpoints import RunCheckpoints
+from ..training.distributed import PeerLost, data_parallel
 from ..training.encoded import EncodedDataset
 from ..training.loop import Callbacks, TrainConfig, TrainState, train
 from ..training.lora_formats import factors_from_state_dict, lora_state_dict
@@ -87,14 +88,15 @@ def train_lora(model_patcher, dataset: EncodedDataset, job: LoraJob) -> LoraResu
         batch_size = len(dataset)
     progress = TrainingProgress(job.train.steps)
 
-    with trainable_view(model_patcher) as view:
+    with trainable_view(model_patcher) as view, data_parallel() as parallel:
         patcher = view.patcher
         device = cc.compute_device(patcher)
         samples = [Sample(cc.process_latent_in(patcher, s.latent[None].float())[0], s.cond) for s in dataset.samples]
         run = run_identity(job, view.family, dataset)
         adapter = attach_adapter(view.diffusion_model, view.adaptable_modules(job.targets), job.adapter,
                                  seed=job.train.seed)
-        checkpoints = RunCheckpoints(job.checkpoint_dir, run, adapter)
+        # In a data-parallel run only rank 0 writes checkpoints (every rank holds the same weights).
+        checkpoints = RunCheckpoints(job.checkpoint_dir if parallel.is_main else None, run, adapter)
         diffusers_names = cc.sd_unet_diffusers_names(patcher) if view.family in (Family.SD15, Family.SDXL) else None
 
         try:
@@ -106,14 +108,17 @@ def train_lora(model_patcher, dataset: EncodedDataset, job: LoraJob) -> LoraResu
                 step, losses, optimizer_state = checkpoints.resume(job.resume_from)
                 state = TrainState(step, losses)
                 progress.start_at(step, losses)
-            callbacks = Callbacks(on_step=progress.on_step, should_stop=progress.should_stop,
+            callbacks = Callbacks(on_step=progress.on_step,
+                                  should_stop=lambda: parallel.stop_agreed or progress.should_stop(),
                                   on_checkpoint=checkpoints.write)
             try:
                 with training_region(patcher, job.gradient_checkpointing, job.blocks_to_swap, device):
                     state, optimizer, scheduler = train(
                         view, adapter, BatchSchedule(samples, batch_size, job.train.seed), job.train, device=device,
                         state=state, optimizer_state=optimizer_state, callbacks=callbacks,
-                        checkpoint_every=job.checkpoint_every)
+                        checkpoint_every=job.checkpoint_every, parallel=parallel)
+            except PeerLost as e:
+                raise PeerLost(f"{e}; {checkpoints.kept()}") from e
             except (torch.OutOfMemoryError, MemoryError) as e:
                 raise TrainingOutOfMemory(len(progress.losses) + 1, checkpoints.last) from e
             except RuntimeError as e:

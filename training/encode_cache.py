@@ -84,6 +84,7 @@ class EncodeCache:
         self.index: dict[str, dict] = {}
         self.hits = 0
         self.misses = 0
+        self._changed = False
         index_path = self.root / INDEX_NAME
         if index_path.is_file():
             try:
@@ -116,6 +117,7 @@ class EncodeCache:
         clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
         _atomic_write(self.root / rel, lambda tmp: safetensors.torch.save_file(clean, str(tmp)))
         self.index[key] = {"kind": kind, "file": rel, **info}
+        self._changed = True
 
     def get_latent(self, key: str) -> torch.Tensor | None:
         tensors = self._load(key, "latent")
@@ -148,5 +150,7 @@ class EncodeCache:
         self._store(key, "cond", tensors, {"caption": caption, "scalars": scalars})
 
     def flush(self) -> None:
+        if not self._changed and (self.root / INDEX_NAME).is_file():
+            return  # a reader (e.g. a data-parallel rank after rank 0 encoded) writes nothing
         data = json.dumps({"version": INDEX_VERSION, "entries": self.index}, indent=1, sort_keys=True)
         _atomic_write(self.root / INDEX_NAME, lambda tmp: tmp.write_text(data, "utf-8"))
