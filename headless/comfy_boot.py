@@ -45,9 +45,10 @@ def check_tree(root: Path) -> Path:
 
 def boot_comfyui(root: Path, base_directory: Path | None = None, cpu: bool = False,
                  extra_model_paths: list[str] = (), output_directory: Path | None = None,
-                 temp_directory: Path | None = None, load_pack: bool = True) -> BootedComfyUI:
+                 temp_directory: Path | None = None, load_pack: bool = True, server=None) -> BootedComfyUI:
     """Import ComfyUI from `root` with these settings and load its custom nodes (and this pack, if
-    the tree's custom_nodes do not already have it)."""
+    the tree's custom_nodes do not already have it). `server` stands in for ComfyUI's PromptServer
+    (PromptServer.instance: progress text, node replacements; given the server's node_replace_manager)."""
     root = check_tree(root)
     # This pack's folder has a `nodes` package of its own: it must not shadow ComfyUI's `nodes` module.
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() not in (PACK_DIR, PACK_DIR / "headless")]
@@ -70,10 +71,28 @@ def boot_comfyui(root: Path, base_directory: Path | None = None, cpu: bool = Fal
         folder_paths.set_output_directory(str(Path(output_directory).resolve()))
     if temp_directory is not None:
         folder_paths.set_temp_directory(str(Path(temp_directory).resolve()))
-    failures = asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False)) or []
+    if server is not None:
+        install_server(server)
+    custom = any(Path(p).is_dir() for p in folder_paths.get_folder_paths("custom_nodes"))
+    failures = asyncio.run(nodes.init_extra_nodes(init_custom_nodes=custom, init_api_nodes=False)) or []
     if load_pack and PACK_NODE not in nodes.NODE_CLASS_MAPPINGS:
         asyncio.run(nodes.load_custom_node(str(PACK_DIR)))
         if PACK_NODE not in nodes.NODE_CLASS_MAPPINGS:
             raise ComfyBootError(f"ComfyUI could not load the Dojo nodes from {PACK_DIR}; see the log above")
     import execution
     return BootedComfyUI(root, nodes, execution, folder_paths, list(failures))
+
+
+def install_server(stand_in) -> None:
+    """Make `stand_in` ComfyUI's PromptServer.instance, which nodes and ComfyUI's own extensions reach for
+    (progress text under a node; 0.33's built-in node replacements register with its manager)."""
+    try:
+        import server
+    except Exception:  # a tree whose server cannot import (missing web dependencies) still runs prompts
+        return
+    try:
+        from app.node_replace_manager import NodeReplaceManager
+        stand_in.node_replace_manager = NodeReplaceManager()
+    except ImportError:  # ComfyUI before node replacements
+        pass
+    server.PromptServer.instance = stand_in

@@ -105,8 +105,9 @@ def pick_device(world: int, local_rank: int, cpu: bool) -> None:
 class Reporter:
     """The executor's server: turns ComfyUI's progress and messages into plain lines on stdout."""
 
-    def __init__(self, prompt: dict, quiet: bool, out=sys.stdout):
-        self.prompt, self.quiet, self.out = prompt, quiet, out
+    def __init__(self, quiet: bool, out=sys.stdout):
+        self.prompt: dict = {}
+        self.quiet, self.out = quiet, out
         self.client_id = None
         self.last_node_id = self.last_prompt_id = None
         self.sockets_metadata: dict = {}
@@ -162,7 +163,8 @@ class Reporter:
         if node not in self.started or value <= self.started[node][1]:
             return ""
         t0, v0 = self.started[node]
-        return f"{value - v0} steps in {time.monotonic() - t0:.1f} s ({(time.monotonic() - t0) / (value - v0):.4f} s/step)"
+        took = time.monotonic() - t0
+        return f"{value} steps; steps {v0 + 1}-{value} took {took:.1f} s ({took / (value - v0):.4f} s/step)"
 
 
 def validation_message(prompt: dict, error: dict, node_errors: dict, folder_paths) -> str:
@@ -177,25 +179,37 @@ def validation_message(prompt: dict, error: dict, node_errors: dict, folder_path
     return "\n".join(lines)
 
 
+# Model-file inputs of ComfyUI's loaders -> the models/ folder they list (when a folder is empty its
+# list is too, so the input's name says where the file belongs).
+MODEL_INPUTS = {"ckpt_name": "checkpoints", "unet_name": "diffusion_models", "vae_name": "vae", "lora_name": "loras",
+                "clip_name": "text_encoders", "clip_name1": "text_encoders", "clip_name2": "text_encoders",
+                "clip_name3": "text_encoders", "control_net_name": "controlnet", "embedding_name": "embeddings"}
+
+
 def file_hint(reason: dict, folder_paths) -> str:
     """Where ComfyUI looks for a file or folder that a combo did not find."""
     if reason.get("type") != "value_not_in_list":
         return ""
     info = reason.get("extra_info") or {}
-    name, options = info.get("input_name"), None
-    config = info.get("input_config")
+    name, config = info.get("input_name"), info.get("input_config")
+    options = None
     if isinstance(config, (list, tuple)) and config:
-        options = config[0] if isinstance(config[0], list) else (config[1] or {}).get("options") if len(config) > 1 else None
+        options = config[0] if isinstance(config[0], list) else \
+            (config[1] or {}).get("options") if len(config) > 1 and isinstance(config[1], dict) else None
     if name == "folder":
         return (f"a dataset folder must be in ComfyUI's input directory ({folder_paths.get_input_directory()}) "
                 "or a 'dojo_datasets' folder of extra_model_paths.yaml")
-    if options is not None:
+    kinds = [MODEL_INPUTS[name]] if name in MODEL_INPUTS else []
+    if options:
         for kind in folder_paths.folder_names_and_paths:
             try:
                 if kind != "custom_nodes" and sorted(folder_paths.get_filename_list(kind)) == sorted(options):
-                    return f"put the file into one of ComfyUI's '{kind}' folders: {', '.join(folder_paths.get_folder_paths(kind))}"
+                    kinds.append(kind)
             except Exception:
                 continue
+    for kind in kinds:
+        if kind in folder_paths.folder_names_and_paths:
+            return f"put the file into one of ComfyUI's '{kind}' folders: {', '.join(folder_paths.get_folder_paths(kind))}"
     return "the value must be one of the choices ComfyUI lists for this input (files or folders it found)"
 
 
@@ -205,16 +219,19 @@ def run_rank(args) -> int:
     pick_device(world, local_rank, args.cpu)
     # Only rank 0 writes files: the other ranks' previews go to a private temp folder, removed at the end.
     private_temp = Path(tempfile.mkdtemp(prefix=f"dojo_rank{rank}_")) if rank else None
+    reporter = Reporter(quiet=rank != 0)
     try:
         try:
             booted = boot_comfyui(args.comfyui, args.base_directory, args.cpu, args.extra_model_paths_config,
-                                 args.output_directory, private_temp)
+                                 args.output_directory, private_temp, server=reporter)
         except ComfyBootError as e:
             print(f"error: {e}", file=sys.stderr)
             return UNUSABLE
         schema_of = schema_reader(booted.nodes)
         try:
             prompt, ui_workflow = load_workflow(args.workflow, schema_of)
+            if getattr(reporter, "node_replace_manager", None) is not None:
+                reporter.node_replace_manager.apply_replacements(prompt)  # as the server does with a queued prompt
             for line in apply_overrides(prompt, args.overrides, schema_of):
                 if rank == 0:
                     print(f"set {line}", flush=True)
@@ -229,7 +246,7 @@ def run_rank(args) -> int:
             import torch
             backend = "nccl" if (not args.cpu and torch.cuda.is_available()) else "gloo"
             init_process_group(backend, args.timeout)
-        return execute(booted, prompt, ui_workflow, outputs, rank, world)
+        return execute(booted, reporter, prompt, ui_workflow, outputs, rank)
     finally:
         if private_temp is not None:
             shutil.rmtree(private_temp, ignore_errors=True)
@@ -241,23 +258,19 @@ def run_rank(args) -> int:
             pass
 
 
-def execute(booted, prompt: dict, ui_workflow, outputs: list[str], rank: int, world: int) -> int:
+def execute(booted, reporter: Reporter, prompt: dict, ui_workflow, outputs: list[str], rank: int) -> int:
     import asyncio
 
     import comfy.model_management
     import comfy.utils
-    reporter = Reporter(prompt, quiet=rank != 0)
+    reporter.prompt = prompt
     # Validate only what runs: a sampler's missing file does not stop the training part.
     running = {i: prompt[i] for i in ancestors(prompt, outputs) | set(outputs)}
     valid, error, good, node_errors = asyncio.run(booted.execution.validate_prompt(str(uuid.uuid4()), running, None))
     if not valid or node_errors:
-        print("error: " + validation_message(running, error or {}, node_errors, booted.folder_paths), file=sys.stderr)
+        if rank == 0:  # every rank validates the same files; one report is enough
+            print("error: " + validation_message(running, error or {}, node_errors, booted.folder_paths), file=sys.stderr)
         return UNUSABLE
-    try:
-        import server
-        server.PromptServer.instance = reporter  # progress text (the live loss) reaches the reporter
-    except Exception:
-        pass
     comfy.utils.set_progress_bar_global_hook(reporter.progress_hook)
     executor = booted.execution.PromptExecutor(reporter, cache_type=False,
                                                cache_args={"lru": 0, "ram": 0.0, "ram_inactive": 0.0})

@@ -4,6 +4,7 @@ bad input and a killed rank end with a clear message, every rank gone and the la
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -139,13 +140,14 @@ def relative_difference(a: dict, b: dict) -> float:
     return max(((da[k] - db[k]).norm() / da[k].norm()).item() for k in da)
 
 
-# fp32 training. Not bit-identical: rank r computes the mean loss of its share and the shares' gradients are
-# summed by gloo, where one process reduces the whole batch itself; the same numbers are added in another order
-# and the forward runs on batches of 1 instead of 2 (other matmul blocking), so gradients differ by ~1e-7
-# relative. AdamW's early steps (update ~ lr * sign(grad)) keep that relative size; measured here: 1e-7 to 1e-6
-# after 4 steps. 1e-4 leaves two orders of margin and still fails when a rank trains the wrong rows (a
-# duplicated or dropped sample changes the LoRA by ~10%).
-DDP_TOLERANCE = 1e-4
+# fp32 training. Not bit-identical: each rank computes the mean loss of its share and gloo sums the shares'
+# gradients, where one process reduces the whole batch itself: the same numbers are added in another order, and
+# the forward runs on batches of 1 instead of 2 (other matmul blocking), so gradients differ in their last bits
+# (~1e-7 relative). AdamW then amplifies that: its update is ~ lr * grad / |grad| per element, so elements whose
+# gradient is near zero move by a different amount (up to 2 lr). Measured on the tiny HunyuanVideo after
+# 4 steps (relative change of up @ down per module, worst module): 8.7e-5 (seed 42) and 1.1e-4 (seed 7).
+# The tolerance 1e-3 leaves ~10x margin; one step more or less changes the LoRA by ~20% (checked below).
+DDP_TOLERANCE = 1e-3
 
 
 def test_two_ranks_train_what_one_trains_and_resume_across_rank_counts(comfy, stand_ins, tmp_path):
@@ -158,13 +160,17 @@ def test_two_ranks_train_what_one_trains_and_resume_across_rank_counts(comfy, st
     [one_name], [two_name] = saved(one.stdout), saved(two.stdout)
     single, _ = read(lora_path(comfy, one_name))
     double, meta = read(lora_path(comfy, two_name))
+    print(f"--nproc 2 vs --nproc 1, global batch 2, 4 steps: {relative_difference(single, double):.3g}")
     assert relative_difference(single, double) < DDP_TOLERANCE
     assert json.loads(meta["dojo_training"])["batch_size"] == 2
 
     # Two ranks wrote one set of checkpoints (rank 0 only); one rank resumes at step 2 and matches both.
     runs = sorted((comfy.base / "output" / "dojo_checkpoints").glob("ddp_two*"))
     assert [p.name for p in sorted(runs[-1].iterdir())] == ["step_000002", "step_000004"]
-    resume = ddp_prompt(comfy, 4, resume_from=f"{runs[-1].name}/step_000002")
+    # (a run folder of its own: resuming in place would reach step 4, whose checkpoint exists and is never overwritten)
+    fresh = runs[-1].parent / f"ddp_resume_{tmp_path.name}"
+    shutil.copytree(runs[-1] / "step_000002", fresh / "step_000002")
+    resume = ddp_prompt(comfy, 4, resume_from=f"{fresh.name}/step_000002")
     again = headless(comfy, api_file(tmp_path, resume, "resume.json"))
     assert again.returncode == 0, again.stderr
     resumed, _ = read(lora_path(comfy, saved(again.stdout)[0]))
