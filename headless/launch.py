@@ -62,7 +62,8 @@ def launch(argv: list[str], nproc: int, cpu: bool) -> int:
                     codes[rank] = p.returncode
                     if p.returncode != 0 and failed_at is None:
                         failed_at = time.monotonic()
-                        how = f"was killed by signal {-p.returncode}" if p.returncode < 0 else f"exited with {p.returncode}"
+                        how = f"was killed by signal {-p.returncode}" if p.returncode < 0 else \
+                            "was cancelled" if p.returncode == 130 else f"exited with {p.returncode}"
                         print(f"[launcher] rank {rank} {how}; stopping the other ranks", file=sys.stderr, flush=True)
             if failed_at is not None and time.monotonic() - failed_at > GRACE_S:
                 for p in procs:

@@ -79,7 +79,8 @@ def setup_logging(verbose: bool, rank: int) -> None:
         handler.addFilter(_QuietComfyErrors())
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(logging.INFO if verbose else logging.WARNING)
+    # Every rank logs the same warnings; rank 0's are enough (the others still print their errors).
+    root.setLevel(logging.INFO if verbose else logging.WARNING if rank == 0 else logging.ERROR)
 
 
 def pick_device(world: int, local_rank: int, cpu: bool) -> None:

@@ -104,7 +104,7 @@ class DataParallel(SingleProcess):
             dist.all_reduce(flat, op=op)
         except Exception as e:  # gloo: connection closed / timeout; NCCL: DistBackendError
             raise PeerLost(f"rank {self.rank}: {what} at step {step} failed because another training process "
-                           f"stopped or did not answer in time ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+                           f"stopped or did not answer in time ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
 
     def sync_parameters(self, params) -> None:
         """Start every rank from rank 0's weights (what DDP does when it wraps a model)."""
