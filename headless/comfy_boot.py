@@ -59,13 +59,17 @@ def boot_comfyui(root: Path, base_directory: Path | None = None, cpu: bool = Fal
     args.disable_auto_launch = True
     if base_directory is not None:
         args.base_directory = str(Path(base_directory).resolve())
+    # Next, as in main.py: ComfyUI's `utils` package must own that name before anything imports a `utils`
+    # (in 0.8 a later import otherwise registers comfy/utils.py as `utils`, and server.py fails). It imports
+    # folder_paths, which reads the arguments above.
+    import utils.extra_config
     import folder_paths
     import nodes
     if Path(nodes.__file__).resolve().parent != root:
         raise ComfyBootError(f"imported the wrong 'nodes' module ({nodes.__file__}) instead of ComfyUI's in {root}")
-    import utils.extra_config
-    for config in ([str(root / "extra_model_paths.yaml")] if (root / "extra_model_paths.yaml").is_file() else []) \
-            + list(extra_model_paths):
+    configs = ([str(root / "extra_model_paths.yaml")] if (root / "extra_model_paths.yaml").is_file() else []) \
+        + list(extra_model_paths)
+    for config in configs:
         utils.extra_config.load_extra_path_config(config)
     if output_directory is not None:
         folder_paths.set_output_directory(str(Path(output_directory).resolve()))
@@ -96,3 +100,4 @@ def install_server(stand_in) -> None:
     except ImportError:  # ComfyUI before node replacements
         pass
     server.PromptServer.instance = stand_in
+

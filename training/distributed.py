@@ -64,6 +64,14 @@ def slice_conditioning(cond: Conditioning, rows: slice, batch: int) -> Condition
     return Conditioning(cut(cond.context), cut(cond.pooled), {k: cut(v) for k, v in cond.extra.items()})
 
 
+def shard_rows(batch: int, rank: int, world_size: int) -> slice:
+    """Contiguous rows of a global batch of `batch` for `rank`; sizes differ by at most one (a rank may
+    get none when the batch is smaller than the world)."""
+    base, extra = divmod(batch, world_size)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (rank < extra))
+
+
 class SingleProcess:
     """The loop's parallel hooks when one process trains: the whole batch, nothing to exchange."""
     rank, world_size, is_main, stop_agreed = 0, 1, True, False
@@ -90,11 +98,7 @@ class DataParallel(SingleProcess):
         self._previous_handler = None
 
     def shard(self, batch: int) -> slice:
-        """Contiguous rows of a global batch of `batch` for this rank; sizes differ by at most one (a
-        rank may get none when the batch is smaller than the world)."""
-        base, extra = divmod(batch, self.world_size)
-        start = self.rank * base + min(self.rank, extra)
-        return slice(start, start + base + (self.rank < extra))
+        return shard_rows(batch, self.rank, self.world_size)
 
     def _device(self, params) -> torch.device:
         return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else params[0].device
