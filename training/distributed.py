@@ -49,12 +49,16 @@ def init_process_group(backend: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> No
     if backend == "nccl":
         # NCCL reports a timed-out or failed collective as an error instead of blocking the process.
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
-    rank, world, local_rank = world_from_environment()
-    kwargs = {}
+    rank, world, _ = world_from_environment()
+    timeout = datetime.timedelta(seconds=timeout_s)
     if backend == "nccl":
-        kwargs["device_id"] = torch.device("cuda", torch.cuda.current_device())
-    dist.init_process_group(backend, rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+        try:  # binding the device lets NCCL set up eagerly (torch >= 2.3)
+            dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout,
+                                    device_id=torch.device("cuda", torch.cuda.current_device()))
+            return
+        except TypeError:
+            pass
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout)
 
 
 def slice_conditioning(cond: Conditioning, rows: slice, batch: int) -> Conditioning:

@@ -149,7 +149,7 @@ def train(model: DenoisingModel, adapter: AttachedAdapter, data: BatchSchedule, 
         step_loss = 0.0
         for micro in range(config.grad_accumulation):
             batch = data.batch(step * config.grad_accumulation + micro)
-            latents = batch.latents
+            latents = batch.latents.to(device, torch.float32)
             g = step_generator(config.seed, step * config.grad_accumulation + micro)
             t = sample_timesteps(config.timestep_sampling, latents.shape[0], g, shift=shift)
             noise = torch.randn(latents.shape, generator=g)
@@ -164,7 +164,7 @@ def train(model: DenoisingModel, adapter: AttachedAdapter, data: BatchSchedule, 
                 continue
             cond = batch.cond if share == 1 else slice_conditioning(batch.cond, rows, n)
             with autocast:
-                loss = diffusion_loss(model, latents[rows].to(device, torch.float32), cond.to(device),
+                loss = diffusion_loss(model, latents[rows], cond.to(device),
                                       t[rows].to(device), noise[rows].to(device), config.min_snr_gamma)
             (loss * share / config.grad_accumulation).backward()
             step_loss += loss.item() * share / config.grad_accumulation
