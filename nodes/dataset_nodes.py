@@ -25,6 +25,7 @@ from ..training.batches import Sample
 from ..training.datasets import (BucketConfig, CaptionConfig, ClipConfig, ClipMode, Dataset, DatasetConfig,
                                  DatasetError, scan_folder)
 from ..training.datasets.preview import caption_grid, tensor_to_pil
+from ..training.distributed import current_data_parallel
 from ..training.encode_cache import EncodeCache, caption_key, file_digest, latent_key, module_identity
 from ..training.encoded import EncodedDataset
 from ..training.protocol import Conditioning
@@ -321,6 +322,25 @@ def encode_latents(dataset: Dataset, vae, cache: EncodeCache | None = None, prog
     return latents
 
 
+def encode_once(encode, cache_to_disk: bool):
+    """`encode(cache)` with the disk cache in <output>/dojo_cache when `cache_to_disk`; returns the result
+    and the cache (None without one; its `warning` says when it fell back to memory). In a data-parallel
+    run the dataset is encoded once: rank 0 encodes into the cache (always on there) and the other
+    ranks read it once rank 0 is done."""
+    root = Path(cc.output_directory()) / CACHE_DIR_NAME
+    parallel = current_data_parallel()
+    if parallel is None:
+        cache = EncodeCache(root) if cache_to_disk else None
+        return encode(cache), cache
+    if not parallel.is_main:
+        parallel.barrier("rank 0 encoding the dataset")
+    cache = EncodeCache(root)
+    result = encode(cache)
+    if parallel.is_main:
+        parallel.barrier("the other ranks reading the encoded dataset")
+    return result, cache
+
+
 def encode_dataset(dataset: Dataset, vae, clip, cache: EncodeCache | None = None,
                    progress=None) -> EncodedDataset:
     """Encode every item's pixels with `vae` and every distinct caption with `clip` (see the module
@@ -413,11 +433,10 @@ class DojoEncodeDataset(io.ComfyNode):
         if vae is None or clip is None:
             raise ValueError("Dojo Encode Dataset needs both a VAE and a CLIP; the loader gave none for "
                              f"{'vae' if vae is None else 'clip'} (does the checkpoint contain one?)")
-        cache = EncodeCache(Path(cc.output_directory()) / CACHE_DIR_NAME) if cache_to_disk else None
         captions = len({c for per_item in epoch0_captions(dataset) for c in per_item})
         progress = cc.progress_bar(len(dataset.items) + captions)
         with out_of_memory_as("encoding the dataset with the VAE and text encoder", ENCODE_LOWER):
-            encoded = encode_dataset(dataset, vae, clip, cache, progress)
+            encoded, cache = encode_once(lambda cache: encode_dataset(dataset, vae, clip, cache, progress), cache_to_disk)
         text = encode_summary(encoded)
         if cache is not None and cache.warning:
             text += f"\nwarning: {cache.warning}"

@@ -20,7 +20,7 @@ from ..training.timesteps import TimestepSampling
 from . import comfy_compat as cc
 from .comfy_compat import io, ui
 from .comfy_model import ComfyDenoisingModel
-from .dataset_nodes import CACHE_DIR_NAME, ENCODE_LOWER, encode_latents, epoch0_captions
+from .dataset_nodes import ENCODE_LOWER, encode_latents, encode_once, epoch0_captions
 from .paths import resolve_inside
 from .ti_training import DojoEmbedding, EmbeddingJob, check_embedding_name, train_embedding
 from .failures import out_of_memory_as, report_cancel
@@ -114,11 +114,10 @@ class DojoTrainTextualInversion(io.ComfyNode):
             weight_decay=0.0)  # decay would pull the vectors towards zero norm, away from real token embeddings
         root = checkpoint_root()
         folders = run_folders(root, resume_from, run_name, "dojo_embedding", "Dojo Train Textual Inversion")
-        from ..training.encode_cache import EncodeCache
-        cache = EncodeCache(Path(cc.output_directory()) / CACHE_DIR_NAME) if cache_latents_to_disk else None
         per_item = epoch0_captions(dataset)
+        bar = cc.progress_bar(len(dataset.items))
         with out_of_memory_as("encoding the dataset with the VAE", ENCODE_LOWER):
-            item_latents = encode_latents(dataset, vae, cache, cc.progress_bar(len(dataset.items)))
+            item_latents, _ = encode_once(lambda cache: encode_latents(dataset, vae, cache, bar), cache_latents_to_disk)
         latents, texts = [], []
         for latent, variants in zip(item_latents, per_item):
             for caption in variants:  # repeats share one latent tensor

@@ -16,6 +16,7 @@ from pathlib import Path
 from ..training.adapters import AdapterConfig, AdapterType, attach_adapter
 from ..training.batches import BatchSchedule, Sample
 from ..training.checkpoints import RunCheckpoints
+from ..training.distributed import PeerLost, data_parallel
 from ..training.encoded import EncodedDataset
 from ..training.file_metadata import latent_resolution, lora_file_keys
 from ..training.loop import Callbacks, TrainConfig, TrainState, train
@@ -87,7 +88,7 @@ def train_lora(model_patcher, dataset: EncodedDataset, job: LoraJob) -> LoraResu
         batch_size = len(dataset)
     progress = TrainingProgress(job.train.steps)
 
-    with trainable_view(model_patcher) as view, \
+    with trainable_view(model_patcher) as view, data_parallel() as parallel, \
             text_encoder_session(job.text_encoder, view.family, job.adapter, job.train.seed) as te:
         patcher = view.patcher
         device = cc.compute_device(patcher)
@@ -102,7 +103,8 @@ def train_lora(model_patcher, dataset: EncodedDataset, job: LoraJob) -> LoraResu
             samples, unique = te.conditioned_samples(samples, dataset.captions)
             model = te.model(view, unique)
             trainable = JointTrainable({"unet": (adapter, job.train.learning_rate, 1.0), **te.trainables()})
-        checkpoints = RunCheckpoints(job.checkpoint_dir, run, trainable)
+        # In a data-parallel run only rank 0 writes checkpoints (every rank holds the same weights).
+        checkpoints = RunCheckpoints(job.checkpoint_dir if parallel.is_main else None, run, trainable)
         diffusers_names = cc.sd_unet_diffusers_names(patcher) if view.family in (Family.SD15, Family.SDXL) else None
 
         try:
@@ -115,14 +117,18 @@ def train_lora(model_patcher, dataset: EncodedDataset, job: LoraJob) -> LoraResu
                 step, losses, optimizer_state = checkpoints.resume(job.resume_from)
                 state = TrainState(step, losses)
                 progress.start_at(step, losses)
-            callbacks = Callbacks(on_step=progress.on_step, should_stop=progress.should_stop,
+            callbacks = Callbacks(on_step=progress.on_step,
+                                  should_stop=lambda: parallel.stop_agreed or progress.should_stop(),
                                   on_checkpoint=checkpoints.write, is_cancel=cc.is_interrupt)
-            with training_failures(checkpoints, progress), \
-                    training_region(patcher, job.gradient_checkpointing, job.blocks_to_swap, device):
-                state, optimizer, scheduler = train(
-                    model, trainable, BatchSchedule(samples, batch_size, job.train.seed), job.train, device=device,
-                    state=state, optimizer_state=optimizer_state, callbacks=callbacks,
-                    checkpoint_every=job.checkpoint_every)
+            try:
+                with training_failures(checkpoints, progress), \
+                        training_region(patcher, job.gradient_checkpointing, job.blocks_to_swap, device):
+                    state, optimizer, scheduler = train(
+                        model, trainable, BatchSchedule(samples, batch_size, job.train.seed), job.train,
+                        device=device, state=state, optimizer_state=optimizer_state, callbacks=callbacks,
+                        checkpoint_every=job.checkpoint_every, parallel=parallel)
+            except PeerLost as e:
+                raise PeerLost(f"{e}; {checkpoints.kept()}") from e
             cancelled = state.step < job.train.steps
             checkpoints.write_final(state, optimizer, scheduler)
             tensors = lora_state_dict(view.family, adapter.export_factors(), diffusers_names)

@@ -17,6 +17,7 @@ import torch
 
 from ..training.batches import BatchSchedule
 from ..training.checkpoints import RunCheckpoints
+from ..training.distributed import data_parallel
 from ..training.encoded import fingerprint_samples
 from ..training.grad_safety import copy_on_write_saved_tensors
 from ..training.loop import Callbacks, TrainConfig, TrainState, train
@@ -117,7 +118,7 @@ def train_embedding(model_patcher, clip, latents: list[torch.Tensor], captions: 
     unique = list(dict.fromkeys(c for cs in per_item for c in cs))
     progress = TrainingProgress(job.train.steps)
 
-    with trainable_view(model_patcher) as view:
+    with trainable_view(model_patcher) as view, data_parallel() as parallel:
         patcher = view.patcher
         device = cc.compute_device(patcher)
         rows = {k: cc.clip_token_rows(clip, k, job.init_word) for k in keys}
@@ -148,20 +149,21 @@ def train_embedding(model_patcher, clip, latents: list[torch.Tensor], captions: 
                 return batch_conditioning([cc.clip_encode_text(train_clip, c) for c in batch_captions])
 
         model = TextualInversionModel(view, unique, encode)
-        checkpoints = RunCheckpoints(job.checkpoint_dir, run, vectors)
+        checkpoints = RunCheckpoints(job.checkpoint_dir if parallel.is_main else None, run, vectors)
 
         state, optimizer_state = TrainState(), None
         if job.resume_from is not None:
             step, losses, optimizer_state = checkpoints.resume(job.resume_from)
             state = TrainState(step, losses)
             progress.start_at(step, losses)
-        callbacks = Callbacks(on_step=progress.on_step, should_stop=progress.should_stop,
+        callbacks = Callbacks(on_step=progress.on_step,
+                              should_stop=lambda: parallel.stop_agreed or progress.should_stop(),
                               on_checkpoint=checkpoints.write, is_cancel=cc.is_interrupt)
         with training_failures(checkpoints, progress), training_region(patcher, False):
             state, optimizer, scheduler = train(
                 model, vectors, BatchSchedule(samples, job.batch_size, job.train.seed), job.train, device=device,
                 state=state, optimizer_state=optimizer_state, callbacks=callbacks,
-                checkpoint_every=job.checkpoint_every)
+                checkpoint_every=job.checkpoint_every, parallel=parallel)
         cancelled = state.step < job.train.steps
         checkpoints.write_final(state, optimizer, scheduler)
         trained = {k: v.to("cpu") for k, v in vectors.state_dict().items()}

@@ -205,6 +205,12 @@ class RunCheckpoints:
     def last(self) -> Path | None:
         return self.written[-1] if self.written else None
 
+    def kept(self) -> str:
+        """What an interrupted run leaves behind, for error messages."""
+        if self.last is not None:
+            return f"the checkpoint {self.last} is kept (resume_from continues it)"
+        return "no checkpoint had been written yet" if self.directory is not None else "rank 0 keeps the checkpoints"
+
     def write(self, state, optimizer, scheduler) -> None:
         """The loop's on_checkpoint callback (a no-op for runs without a checkpoint folder)."""
         if self.directory is None:

@@ -100,6 +100,7 @@ class EncodeCache:
         self.hits = 0
         self.misses = 0
         self.warning: str | None = None
+        self._changed = False
         index_path = self.root / INDEX_NAME
         if index_path.is_file():
             try:
@@ -141,6 +142,7 @@ class EncodeCache:
             self._give_up(e)
             return
         self.index[key] = {"kind": kind, "file": rel, **info}
+        self._changed = True
 
     def _give_up(self, exc: BaseException) -> None:
         self.warning = (f"the encode cache in {self.root} cannot be written ({exc}); this encode keeps its "
@@ -180,6 +182,8 @@ class EncodeCache:
     def flush(self) -> None:
         if self.warning is not None and not self.index:
             return
+        if not self._changed and (self.root / INDEX_NAME).is_file():
+            return  # a reader (e.g. a data-parallel rank after rank 0 encoded) writes nothing
         data = json.dumps({"version": INDEX_VERSION, "entries": self.index}, indent=1, sort_keys=True)
         try:
             _atomic_write(self.root / INDEX_NAME, lambda tmp: tmp.write_text(data, "utf-8"), len(data))

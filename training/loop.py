@@ -17,6 +17,7 @@ import torch
 
 from .adapters import AttachedAdapter
 from .batches import BatchSchedule, step_generator
+from .distributed import SingleProcess, slice_conditioning
 from .optimizers import OptimizerKind, make_optimizer as make_base_optimizer
 from .protocol import DenoisingModel, Prediction
 from .timesteps import TimestepSampling, sample_timesteps
@@ -129,7 +130,10 @@ def diffusion_loss(model: DenoisingModel, latents: torch.Tensor, cond, t: torch.
 def train(model: DenoisingModel, adapter: AttachedAdapter, data: BatchSchedule, config: TrainConfig,
           device: torch.device | str = "cpu", state: TrainState | None = None,
           optimizer_state: dict | None = None, callbacks: Callbacks | None = None,
-          checkpoint_every: int = 0) -> tuple[TrainState, torch.optim.Optimizer, object]:
+          checkpoint_every: int = 0, parallel: SingleProcess | None = None,
+          ) -> tuple[TrainState, torch.optim.Optimizer, object]:
+    """`parallel` (training/distributed.py) makes this one rank of a data-parallel run: it trains on its
+    share of each global batch and the ranks' gradients are summed before the optimizer step."""
     config.validate()
     callbacks = callbacks or Callbacks()
     state = state or TrainState()
@@ -144,6 +148,8 @@ def train(model: DenoisingModel, adapter: AttachedAdapter, data: BatchSchedule, 
     use_bf16 = config.precision is Precision.BF16
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
     adapter.let_autocast_cast_inputs(use_bf16)
+    parallel = parallel or SingleProcess()
+    parallel.sync_parameters(params)
 
     while state.step < config.steps:
         if callbacks.should_stop is not None and callbacks.should_stop():
@@ -160,18 +166,26 @@ def train(model: DenoisingModel, adapter: AttachedAdapter, data: BatchSchedule, 
                 if config.noise_offset and not model.schedule.is_flow:
                     noise = noise + config.noise_offset * torch.randn(
                         (*latents.shape[:2], *[1] * (latents.ndim - 2)), generator=g)
+                # Noise and timesteps are drawn for the whole batch first, so a sample gets the same ones
+                # whichever rank trains it; this process then trains its rows (all of them when alone).
+                rows, n = parallel.shard(len(batch.indices)), len(batch.indices)
+                share = (rows.stop - rows.start) / n
+                if share == 0:
+                    continue
+                cond = batch.cond if share == 1 else slice_conditioning(batch.cond, rows, n)
                 with autocast:
-                    loss = diffusion_loss(model, latents, batch.cond.to(device), t.to(device), noise.to(device),
-                                          config.min_snr_gamma)
-                if not torch.isfinite(loss):
-                    raise TrainingDiverged(step + 1, loss.item())
-                (loss / config.grad_accumulation).backward()
-                step_loss += loss.item() / config.grad_accumulation
+                    loss = diffusion_loss(model, latents[rows], cond.to(device),
+                                          t[rows].to(device), noise[rows].to(device), config.min_snr_gamma)
+                (loss * share / config.grad_accumulation).backward()
+                step_loss += loss.item() * share / config.grad_accumulation
         except BaseException as e:
             if callbacks.is_cancel is None or not callbacks.is_cancel(e):
                 raise
             optimizer.zero_grad(set_to_none=True)  # the unfinished step leaves no trace
             break
+        step_loss = parallel.reduce_step(params, step_loss, step + 1)
+        if not math.isfinite(step_loss):  # after the exchange, so that every rank stops together
+            raise TrainingDiverged(step + 1, step_loss)
         if config.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
         optimizer.step()

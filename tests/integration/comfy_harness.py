@@ -138,27 +138,16 @@ class ComfyUI:
         logging.getLogger().addHandler(self.log)
         logging.getLogger().setLevel(logging.INFO)
 
-        # Our repository must not shadow ComfyUI's top-level `nodes` module.
-        sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO_ROOT]
-        sys.path.insert(0, str(root))
-        import comfy.options  # noqa: F401  (arg parsing stays off: ComfyUI parses [] when imported)
-        from comfy.cli_args import args
-        args.cpu = True
-        args.base_directory = str(base)
-        args.disable_auto_launch = True
-        import folder_paths
-        import nodes
-        if Path(nodes.__file__).resolve().parent != root.resolve():
-            raise RuntimeError(f"imported the wrong 'nodes' module: {nodes.__file__}")
-        self.folder_paths = folder_paths
-        self.nodes = nodes
-        self.import_failures = asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
+        # The runner's boot (what `python -m comfyui_dojo.headless` does): the pack comes from custom_nodes.
+        from comfyui_dojo.headless.comfy_boot import boot_comfyui
+        booted = boot_comfyui(root, base, cpu=True, load_pack=False)
+        self.folder_paths, self.nodes = booted.folder_paths, booted.nodes
+        self.import_failures = booted.import_failures
         self.boot_log_count = len(self.log.records)
-        import execution
-        self.execution = execution
+        self.execution = booted.execution
         self.server = _RecordingServer()
-        self.executor = execution.PromptExecutor(self.server, cache_type=False,
-                                                 cache_args={"lru": 0, "ram": 0.0, "ram_inactive": 0.0})
+        self.executor = self.execution.PromptExecutor(self.server, cache_type=False,
+                                                      cache_args={"lru": 0, "ram": 0.0, "ram_inactive": 0.0})
 
     def boot_messages(self, min_level=logging.WARNING) -> list[str]:
         """Log messages from booting ComfyUI and importing custom nodes (not from prompts run since)."""
