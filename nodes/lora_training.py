@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -24,6 +24,7 @@ from ..training.protocol import Family, TargetPreset
 from . import comfy_compat as cc
 from .comfy_model import trainable_view
 from .grad_protection import training_region
+from .memory_planning import PlanRequest, settle, step_job
 from .progress import TrainingProgress
 
 log = logging.getLogger("comfyui-dojo")
@@ -58,6 +59,7 @@ class LoraJob:
     resume_from: Path | None = None
     init_lora: dict | None = None        # continue from an existing LoRA's weights (a fresh run otherwise)
     extra_metadata: dict = field(default_factory=dict)
+    memory_plan: PlanRequest | None = None   # None = no memory check; else plan (and settle 'auto') before step 1
 
 
 @dataclass
@@ -67,6 +69,7 @@ class LoraResult:
     steps_done: int
     cancelled: bool
     last_checkpoint: Path | None
+    memory_plan: object | None = None    # the memory planner's Plan, when the job asked for one
 
 
 def run_identity(job: LoraJob, family: Family, dataset: EncodedDataset) -> dict:
@@ -108,6 +111,12 @@ def train_lora(model_patcher, dataset: EncodedDataset, job: LoraJob) -> LoraResu
                 progress.start_at(step, losses)
             callbacks = Callbacks(on_step=progress.on_step, should_stop=progress.should_stop,
                                   on_checkpoint=checkpoints.write)
+            plan = None
+            if job.memory_plan is not None:
+                plan = settle(step_job(view, patcher, samples, batch_size, job.train, adapter.parameters(), device),
+                              patcher, device, checkpointing=job.gradient_checkpointing,
+                              blocks_to_swap=job.blocks_to_swap, request=job.memory_plan, what="this LoRA job")
+                job = replace(job, gradient_checkpointing=plan.checkpointing, blocks_to_swap=plan.blocks_to_swap)
             try:
                 with training_region(patcher, job.gradient_checkpointing, job.blocks_to_swap, device):
                     state, optimizer, scheduler = train(
@@ -136,4 +145,4 @@ def train_lora(model_patcher, dataset: EncodedDataset, job: LoraJob) -> LoraResu
                                              "dataset_size": len(dataset)}, sort_keys=True, default=str),
                 **job.extra_metadata}
     lora = DojoLoRA({k: v.cpu() for k, v in tensors.items()}, metadata)
-    return LoraResult(lora, list(state.losses), state.step, cancelled, checkpoints.last)
+    return LoraResult(lora, list(state.losses), state.step, cancelled, checkpoints.last, plan)
