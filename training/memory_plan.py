@@ -8,10 +8,9 @@ The peak of one training step on the compute device is
   + the peak of the forward + backward: activations saved for backward (all of them, or only the
     block inputs with gradient checkpointing, plus one block's recomputation), the adapter's gradients,
     autocast copies of the weights, and the transients of each op
-  + a workspace allowance: the largest single tensor of the step, for the scratch memory kernels
-    allocate internally (which no tensor count sees), plus the runtime's own first-step growth on the
-    device (RUNTIME_BYTES, measured by bench/memory_accuracy.py: on the CPU ~60 MB of oneDNN and malloc
-    growth the first time a step runs at a new shape, whatever the model's size).
+  + a workspace allowance for what no tensor count sees: the scratch memory kernels allocate
+    internally and the runtime's own growth the first time a step runs at a new shape (RUNTIME_BYTES,
+    measured by bench/memory_accuracy.py: ~60 MB on the CPU, whatever the model's size).
 
 The third term is not guessed: `measure_step` runs the real step (the family's real model classes, the
 real adapter, the real checkpointing and copy-on-write protection) under torch's `FakeTensorMode`, where
@@ -109,8 +108,14 @@ class StepMeasure:
 
 @contextlib.contextmanager
 def fake_tensors():
-    """Run torch ops without computing or allocating: real tensors met inside become fake ones."""
+    """Run torch ops without computing or allocating: real tensors met inside become fake ones. Inside
+    an active fake mode (a model built on fake tensors at real size) that mode is used."""
     from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+    active = next((m for m in _get_current_dispatch_mode_stack() if isinstance(m, FakeTensorMode)), None)
+    if active is not None:
+        yield active
+        return
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         yield mode
 
@@ -198,7 +203,7 @@ def estimate(job: StepJob, checkpointing: bool, blocks_to_swap: int = 0) -> Esti
     adapter = job.adapter_params * ADAPTER_MASTER_BYTES + optimizer_bytes(job.adapter_params, job.optimizer)
     runtime = RUNTIME_BYTES.get(job.device_type, RUNTIME_BYTES["cuda"])
     return Estimate(checkpointing, blocks_to_swap, job.model.resident_bytes(blocks_to_swap, checkpointing),
-                    adapter, m.peak_bytes, m.largest_tensor_bytes + runtime)
+                    adapter, m.peak_bytes, runtime)
 
 
 def safety_margin(available: int, device_type: str) -> int:
