@@ -1,7 +1,7 @@
 """A training process for test_memory_plan.py's real-memory-limit test (not a test itself).
 
-Boots ComfyUI (path in argv[1]), builds an SD1.5-architecture UNet wide enough that a 512 px step's
-activations dominate, prints one JSON line {"ready": ..., "vmsize", "on", "off", "weights"} (the
+Boots ComfyUI (path in argv[1]), builds ComfyUI's HunyuanVideo network (hidden 256, 6 + 6 blocks) and a
+33-frame 256 px clip, where the activations of a step without checkpointing dominate, prints one JSON line {"ready": ..., "vmsize", "on", "off", "weights"} (the
 planner's estimates with checkpointing on and off), then waits for a line on stdin: the parent sets an
 address-space limit on this process (prlimit) meanwhile. Then it runs the scenarios named on that line,
 in order, printing one JSON line each: what the planner decided, whether training finished, the error.
@@ -41,6 +41,7 @@ def main():
     import torch
     torch.set_num_threads(1)
     import inprocess_models
+    import tiny_comfy_models as tiny
     lt = importlib.import_module("comfyui_dojo.nodes.lora_training")
     mp = importlib.import_module("comfyui_dojo.nodes.memory_planning")
     mn = importlib.import_module("comfyui_dojo.nodes.memory_nodes")
@@ -51,10 +52,12 @@ def main():
     protocol = importlib.import_module("comfyui_dojo.training.protocol")
     import peft.tuners.lora  # noqa: F401
 
-    patcher = inprocess_models.tiny_sd15_patcher(model_channels=64)
+    patcher = inprocess_models._patcher("HunyuanVideo", dict(tiny.HUNYUAN_VIDEO_TINY, depth=6, depth_single_blocks=6),
+                                        seed=0)
     g = torch.Generator().manual_seed(0)
-    cond = protocol.Conditioning(torch.randn(1, 77, 768, generator=g), None, {})
-    data = encoded.EncodedDataset([batches.Sample(torch.randn(4, 64, 64, generator=g), cond)], ["a photo"])
+    cond = protocol.Conditioning(torch.randn(1, 32, 768, generator=g), torch.randn(1, 768, generator=g),
+                                 {"guidance": 1.0})
+    data = encoded.EncodedDataset([batches.Sample(torch.randn(16, 9, 32, 32, generator=g), cond)], ["a clip"])
 
     def job(checkpointing, plan, steps=2):
         return lt.LoraJob(adapter=adapters.AdapterConfig(rank=16, alpha=16),
@@ -70,7 +73,7 @@ def main():
         estimates[gc] = figures["estimate"]
     weights = sum(p.numel() * p.element_size() for p in patcher.model.diffusion_model.parameters())
     # A real (warm-up) step first, so the limit is set on a process that has already run one.
-    lt.train_lora(patcher, encoded.EncodedDataset([batches.Sample(torch.randn(4, 16, 16), cond)], ["x"]),
+    lt.train_lora(patcher, encoded.EncodedDataset([batches.Sample(torch.randn(16, 1, 8, 8), cond)], ["x"]),
                   job(False, None, steps=1))
     print(json.dumps({"ready": True, "vmsize": vmsize(), "weights": weights, **estimates}), flush=True)
 

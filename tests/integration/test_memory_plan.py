@@ -115,7 +115,7 @@ def run_under_limit(comfy, scenarios):
 def test_under_a_real_memory_limit_auto_makes_the_job_fit_and_unplanned_fails(comfy, dojo):
     results, ready, room = run_under_limit(comfy, ["auto", "explicit_off", "unplanned_off"])
     auto, explicit, unplanned = results["auto"], results["explicit_off"], results["unplanned_off"]
-    # auto: the plan turns checkpointing on (the recipe default for SD1.5 is off) and the job finishes.
+    # auto: the plan turns checkpointing on (the job starts from 'off') and the job finishes.
     assert auto.get("finished") == 2 and auto["checkpointing"] is True, auto
     assert "checkpointing on" in auto["summary"]
     # The user's explicit 'off' is kept, so the job is refused before step 1, naming what would fit.
