@@ -10,7 +10,8 @@ The peak of one training step on the compute device is
     autocast copies of the weights, and the transients of each op
   + a workspace allowance for what no tensor count sees: the scratch memory kernels allocate
     internally and the runtime's own growth the first time a step runs at a new shape (RUNTIME_BYTES,
-    measured by bench/memory_accuracy.py: ~60 MB on the CPU, whatever the model's size).
+    measured by bench/memory_accuracy.py: ~60 MB on the CPU, whatever the model's size), and on the CPU
+    malloc's heap fragmentation in that first step (CPU_HEAP_GROWTH).
 
 The third term is not guessed: `measure_step` runs the real step (the family's real model classes, the
 real adapter, the real checkpointing and copy-on-write protection) under torch's `FakeTensorMode`, where
@@ -47,6 +48,13 @@ ADAPTER_MASTER_BYTES = 4    # adapter weights are fp32 master weights
 # fragmentation on CUDA; on the CPU what other threads and the rest of ComfyUI allocate meanwhile).
 MARGIN_FRACTION = 0.08
 RUNTIME_BYTES = {"cpu": 64 * 2**20, "cuda": 128 * 2**20}
+# On the CPU, tensors below glibc's largest mmap threshold (32 MiB on 64-bit) come from malloc's heap,
+# which the first step at a new shape fragments: its RSS peaks above the live bytes by about this
+# fraction of the heap-sized tensors alive at the peak (bench/memory_accuracy.py; later steps reuse the
+# holes). Larger tensors are mmapped and returned to the system when freed. CUDA's caching allocator
+# rounds and splits blocks instead; the margin covers it.
+HEAP_LIMIT = 32 * 2**20
+CPU_HEAP_GROWTH = 0.3
 MARGIN_BYTES = {"cuda": 512 * 2**20, "cpu": 160 * 2**20}
 
 
@@ -65,6 +73,8 @@ class LiveBytes(TorchDispatchMode):
         self.live = 0
         self.peak = 0
         self.largest = 0
+        self.heap_live = 0       # bytes in storages below HEAP_LIMIT (see CPU_HEAP_GROWTH)
+        self.heap_at_peak = 0
         self._sizes: dict[int, int] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -81,13 +91,19 @@ class LiveBytes(TorchDispatchMode):
             size = storage.nbytes()
             self._sizes[key] = size
             self.live += size
+            if size < HEAP_LIMIT:
+                self.heap_live += size
             self.largest = max(self.largest, size)
-            self.peak = max(self.peak, self.live)
+            if self.live > self.peak:
+                self.peak, self.heap_at_peak = self.live, self.heap_live
             weakref.finalize(storage, self._free, key)
         return out
 
     def _free(self, key: int) -> None:
-        self.live -= self._sizes.pop(key, 0)
+        size = self._sizes.pop(key, 0)
+        self.live -= size
+        if size < HEAP_LIMIT:
+            self.heap_live -= size
 
 
 def _storage_id(t: torch.Tensor) -> int | None:
@@ -104,6 +120,7 @@ class StepMeasure:
     peak_bytes: int
     largest_tensor_bytes: int
     tokens: int
+    heap_bytes_at_peak: int = 0
 
 
 @contextlib.contextmanager
@@ -126,7 +143,7 @@ def measure_step(step: Callable[[], None], tokens: int) -> StepMeasure:
     counter = LiveBytes()
     with fake_tensors(), counter:
         step()
-    return StepMeasure(counter.peak, counter.largest, tokens)
+    return StepMeasure(counter.peak, counter.largest, tokens, counter.heap_at_peak)
 
 
 # --- the arithmetic ------------------------------------------------------------------------------
@@ -202,6 +219,8 @@ def estimate(job: StepJob, checkpointing: bool, blocks_to_swap: int = 0) -> Esti
     m = job.measured(checkpointing)
     adapter = job.adapter_params * ADAPTER_MASTER_BYTES + optimizer_bytes(job.adapter_params, job.optimizer)
     runtime = RUNTIME_BYTES.get(job.device_type, RUNTIME_BYTES["cuda"])
+    if job.device_type == "cpu":
+        runtime += int(CPU_HEAP_GROWTH * m.heap_bytes_at_peak)
     return Estimate(checkpointing, blocks_to_swap, job.model.resident_bytes(blocks_to_swap, checkpointing),
                     adapter, m.peak_bytes, runtime)
 
@@ -422,8 +441,9 @@ def probe_training_step(model, samples, batch_size: int, config, params, region,
         latents = batch.latents.to(device, torch.float32)
         t = torch.full((batch_size,), 0.5, device=device)
         noise = torch.zeros_like(latents)
+        # (No autocast on the meta device, where real-size models are planned: their weights are bf16.)
         autocast = torch.autocast(device.type, dtype=torch.bfloat16) \
-            if Precision(config.precision) is Precision.BF16 else contextlib.nullcontext()
+            if Precision(config.precision) is Precision.BF16 and device.type != "meta" else contextlib.nullcontext()
         with autocast:
             loss = diffusion_loss(model, latents, batch.cond.to(device), t, noise, config.min_snr_gamma)
         loss.backward()
