@@ -116,7 +116,8 @@ def train_lora(model_patcher, dataset: EncodedDataset, job: LoraJob) -> LoraResu
                 plan = settle(step_job(view, patcher, samples, batch_size, job.train, adapter.parameters(), device),
                               patcher, device, checkpointing=job.gradient_checkpointing,
                               blocks_to_swap=job.blocks_to_swap, request=job.memory_plan, what="this LoRA job")
-                job = replace(job, gradient_checkpointing=plan.checkpointing, blocks_to_swap=plan.blocks_to_swap)
+                if plan is not None:
+                    job = replace(job, gradient_checkpointing=plan.checkpointing, blocks_to_swap=plan.blocks_to_swap)
             try:
                 with training_region(patcher, job.gradient_checkpointing, job.blocks_to_swap, device):
                     state, optimizer, scheduler = train(

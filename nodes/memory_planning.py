@@ -84,13 +84,20 @@ def available_memory(patcher, device) -> tuple[int, str]:
 
 
 def settle(job: StepJob, patcher, device, *, checkpointing: bool, blocks_to_swap: int, request: PlanRequest,
-           what: str) -> Plan:
-    """Plan the job; show and log the plan; raise MemoryPlanRefused (before step 1) when nothing fits."""
+           what: str) -> Plan | None:
+    """Plan the job; show and log the plan; raise MemoryPlanRefused (before step 1) when nothing fits.
+    None when the step could not be measured (an op without a fake-tensor kernel, say): training then
+    goes ahead with the settings as given, as with memory_plan 'off'."""
     available, source = available_memory(patcher, device)
-    p = plan(job, available, torch.device(device).type,
-             checkpointing=None if request.auto_checkpointing else checkpointing,
-             blocks_to_swap=None if request.auto_blocks_to_swap else blocks_to_swap,
-             default_checkpointing=checkpointing)
+    try:
+        p = plan(job, available, torch.device(device).type,
+                 checkpointing=None if request.auto_checkpointing else checkpointing,
+                 blocks_to_swap=None if request.auto_blocks_to_swap else blocks_to_swap,
+                 default_checkpointing=checkpointing)
+    except Exception as exc:
+        log.warning("Dojo: the memory plan could not measure a step of %s (%s: %s); training without it",
+                    what, type(exc).__name__, exc)
+        return None
     report(p, source, what)
     if not p.fits:
         raise MemoryPlanRefused(p, what)

@@ -32,6 +32,7 @@ from typing import Callable
 
 import torch
 from torch.utils import _pytree as pytree
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .optimizers import OptimizerKind
@@ -137,11 +138,33 @@ def fake_tensors():
         yield mode
 
 
+class FusedAttentionOnMeta(TorchFunctionMode):
+    """On the meta device (where real-size models are planned for a GPU), run scaled_dot_product_attention
+    as the fused kernels a GPU runs (flash; memory-efficient where there is a mask), whose memory is
+    linear in the tokens: on meta tensors torch would pick the math kernel, which keeps the full
+    attention matrix, and plan gigabytes a GPU never allocates."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is not torch.nn.functional.scaled_dot_product_attention or args[0].device.type != "meta":
+            return func(*args, **kwargs)
+        q, k, v = args[:3]
+        mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
+        causal = kwargs.get("is_causal", False)
+        if mask is None:
+            return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False,
+                                                                      scale=kwargs.get("scale"))[0]
+        bias = mask if mask.dtype != torch.bool else torch.zeros(mask.shape, dtype=q.dtype, device=q.device)
+        return torch.ops.aten._scaled_dot_product_efficient_attention(
+            q, k, v, bias.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2]), True, 0.0, causal,
+            scale=kwargs.get("scale"))[0]
+
+
 def measure_step(step: Callable[[], None], tokens: int) -> StepMeasure:
     """Run `step` (one forward + backward, building its inputs inside) on fake tensors and count what
     it allocates. The trainable parameters' `.grad` it creates are reset to None afterwards."""
     counter = LiveBytes()
-    with fake_tensors(), counter:
+    with fake_tensors(), counter, FusedAttentionOnMeta():
         step()
     return StepMeasure(counter.peak, counter.largest, tokens, counter.heap_at_peak)
 
