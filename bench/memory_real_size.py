@@ -65,20 +65,13 @@ ANCHORS = {
 
 
 def boot():
-    sys.path.insert(0, str(REPO / "tests" / "integration"))
-    sys.path.insert(0, os.environ.get("COMFYUI_PATH", str(Path.home() / "ComfyUI")))
-    import comfy.options  # noqa: F401
+    comfy_root = os.environ.get("COMFYUI_PATH", str(Path.home() / "ComfyUI"))
+    sys.path.insert(0, comfy_root)
     from comfy.cli_args import args
-    args.cpu = True
     args.use_pytorch_cross_attention = True  # what ComfyUI runs on NVIDIA: SDPA's fused kernels
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("comfyui_dojo", REPO / "__init__.py",
-                                                  submodule_search_locations=[str(REPO)])
-    sys.modules["comfyui_dojo"] = module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except Exception:
-        pass
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_grad_protection import boot as boot_comfy
+    boot_comfy(comfy_root)
 
 
 def plan_family(family: str, weight_dtype: str):
