@@ -6,6 +6,7 @@ from .caption_nodes import DojoCaptionImages, DojoDatasetImages, DojoSetCaptions
 from .dataset_nodes import DojoEncodeDataset, DojoLoadImageDataset
 from .embedding_nodes import DojoApplyEmbedding, DojoLoadEmbedding, DojoSaveEmbedding, DojoTrainTextualInversion
 from .lora_nodes import DojoApplyLoRA, DojoLoadLoRA, DojoSaveLoRA
+from .memory_nodes import DojoEstimateMemory
 from .model_info import DojoModelInfo
 from .pivotal import DojoLoRAEmbedding, DojoPivotalEmbedding
 from .share_nodes import DojoAdapterInfo, DojoExportModelCard, DojoPublishToHub
@@ -29,6 +30,7 @@ NODES: list[type[io.ComfyNode]] = [
     DojoPivotalEmbedding,
     DojoLoRAEmbedding,
     DojoModelInfo,
+    DojoEstimateMemory,
     DojoAdapterInfo,
     DojoExportModelCard,
     DojoPublishToHub,

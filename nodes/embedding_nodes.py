@@ -21,6 +21,7 @@ from . import comfy_compat as cc
 from .comfy_compat import io, ui
 from .comfy_model import ComfyDenoisingModel
 from .dataset_nodes import ENCODE_LOWER, encode_latents, encode_once, epoch0_captions
+from .memory_planning import MEMORY_PLAN_OPTIONS, MEMORY_PLAN_TOOLTIP
 from .paths import resolve_inside
 from .ti_training import DojoEmbedding, EmbeddingJob, check_embedding_name, train_embedding
 from .failures import out_of_memory_as, report_cancel
@@ -91,6 +92,8 @@ class DojoTrainTextualInversion(io.ComfyNode):
                                         "exactly; settings must match. Empty = start fresh."),
                 io.Boolean.Input("cache_latents_to_disk", default=False, optional=True,
                                  tooltip="Keep the image latents in <output>/dojo_cache and reuse them in later runs."),
+                io.Combo.Input("memory_plan", options=MEMORY_PLAN_OPTIONS, default=MEMORY_PLAN_OPTIONS[0],
+                               optional=True, tooltip=MEMORY_PLAN_TOOLTIP),
             ],
             outputs=[
                 EmbeddingType.Output(display_name="embedding",
@@ -103,7 +106,8 @@ class DojoTrainTextualInversion(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, dataset, embedding_name, captions, num_vectors, init_word, steps,
                 batch_size, learning_rate, lr_schedule, warmup_steps, timestep_sampling, precision, seed,
-                checkpoint_every, run_name, resume_from="", cache_latents_to_disk=False) -> io.NodeOutput:
+                checkpoint_every, run_name, resume_from="", cache_latents_to_disk=False,
+                memory_plan=AUTO) -> io.NodeOutput:
         name = check_embedding_name(embedding_name)
         view = ComfyDenoisingModel(model)
         sampling = default_timestep_sampling(view.schedule.prediction) if timestep_sampling == AUTO \
@@ -130,7 +134,7 @@ class DojoTrainTextualInversion(io.ComfyNode):
         job = EmbeddingJob(name=name, train=train_config, num_vectors=num_vectors, init_word=init_word,
                            caption_mode=CaptionMode(captions), trigger_word=trigger, batch_size=batch_size,
                            checkpoint_every=checkpoint_every, checkpoint_dir=folders.run_dir, resume_from=folders.resume,
-                           extra_metadata=extra)
+                           extra_metadata=extra, memory_plan=memory_plan == AUTO)
         result = train_embedding(model, clip, latents, texts, job)
         if result.cancelled:
             report_cancel(result.steps_done, steps, result.last_checkpoint, folders.run_dir, root)

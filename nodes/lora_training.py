@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 
@@ -26,6 +26,7 @@ from . import comfy_compat as cc
 from .comfy_model import trainable_view
 from .failures import training_failures
 from .grad_protection import training_region
+from .memory_planning import PlanRequest, settle, step_job
 from .progress import TrainingProgress
 from .te_lora import JointTrainable, TextEncoderJob, pivotal_embedding, text_encoder_session
 
@@ -56,6 +57,7 @@ class LoraJob:
     init_lora: dict | None = None        # continue from an existing LoRA's weights (a fresh run otherwise)
     text_encoder: TextEncoderJob | None = None  # also train a LoRA on the CLIP (te_lora.py)
     extra_metadata: dict = field(default_factory=dict)
+    memory_plan: PlanRequest | None = None   # None = no memory check; else plan (and settle 'auto') before step 1
 
 
 @dataclass
@@ -65,6 +67,7 @@ class LoraResult:
     steps_done: int
     cancelled: bool
     last_checkpoint: Path | None
+    memory_plan: object | None = None    # the memory planner's Plan, when the job asked for one
 
 
 def run_identity(job: LoraJob, family: Family, dataset: EncodedDataset) -> dict:
@@ -120,6 +123,13 @@ def train_lora(model_patcher, dataset: EncodedDataset, job: LoraJob) -> LoraResu
             callbacks = Callbacks(on_step=progress.on_step,
                                   should_stop=lambda: parallel.stop_agreed or progress.should_stop(),
                                   on_checkpoint=checkpoints.write, is_cancel=cc.is_interrupt)
+            plan = None
+            if job.memory_plan is not None:
+                plan = settle(step_job(view, patcher, samples, batch_size, job.train, adapter.parameters(), device),
+                              patcher, device, checkpointing=job.gradient_checkpointing,
+                              blocks_to_swap=job.blocks_to_swap, request=job.memory_plan, what="this LoRA job")
+                if plan is not None:
+                    job = replace(job, gradient_checkpointing=plan.checkpointing, blocks_to_swap=plan.blocks_to_swap)
             try:
                 with training_failures(checkpoints, progress), \
                         training_region(patcher, job.gradient_checkpointing, job.blocks_to_swap, device):
@@ -156,4 +166,4 @@ def train_lora(model_patcher, dataset: EncodedDataset, job: LoraJob) -> LoraResu
     pivotal = job.text_encoder.embedding if job.text_encoder is not None else None
     if pivotal is not None:
         lora.embedding = pivotal_embedding(pivotal, vectors, view.family, state.step)
-    return LoraResult(lora, list(state.losses), state.step, cancelled, checkpoints.last)
+    return LoraResult(lora, list(state.losses), state.step, cancelled, checkpoints.last, plan)

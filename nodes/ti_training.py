@@ -28,6 +28,7 @@ from . import comfy_compat as cc
 from .comfy_model import trainable_view
 from .failures import training_failures
 from .grad_protection import training_region
+from .memory_planning import PlanRequest, settle, step_job
 from .paths import check_name_text
 from .progress import TrainingProgress
 
@@ -60,6 +61,7 @@ class EmbeddingJob:
     checkpoint_dir: Path | None = None
     resume_from: Path | None = None
     extra_metadata: dict = field(default_factory=dict)
+    memory_plan: bool = False    # plan before step 1 (checkpointing the UNet when the step would not fit)
 
 
 @dataclass
@@ -69,6 +71,7 @@ class EmbeddingResult:
     steps_done: int
     cancelled: bool
     last_checkpoint: Path | None
+    memory_plan: object | None = None    # the memory planner's Plan, when the job asked for one
 
 
 def check_embedding_name(name: str) -> str:
@@ -159,7 +162,16 @@ def train_embedding(model_patcher, clip, latents: list[torch.Tensor], captions: 
         callbacks = Callbacks(on_step=progress.on_step,
                               should_stop=lambda: parallel.stop_agreed or progress.should_stop(),
                               on_checkpoint=checkpoints.write, is_cancel=cc.is_interrupt)
-        with training_failures(checkpoints, progress), training_region(patcher, False):
+        plan = None
+        if job.memory_plan:
+            # The UNet's checkpointing is the one memory setting of this trainer; no input exposes it, so
+            # the plan may turn it on when the step would not fit without.
+            plan = settle(step_job(model, patcher, samples, job.batch_size, job.train, vectors.parameters(), device),
+                          patcher, device, checkpointing=False, blocks_to_swap=0,
+                          request=PlanRequest(auto_checkpointing=True, auto_blocks_to_swap=False),
+                          what="this textual-inversion job")
+        with training_failures(checkpoints, progress), \
+                training_region(patcher, plan is not None and plan.checkpointing):
             state, optimizer, scheduler = train(
                 model, vectors, BatchSchedule(samples, job.batch_size, job.train.seed), job.train, device=device,
                 state=state, optimizer_state=optimizer_state, callbacks=callbacks,
@@ -173,4 +185,4 @@ def train_embedding(model_patcher, clip, latents: list[torch.Tensor], captions: 
                 "dojo_learning_rate": str(job.train.learning_rate), "dojo_seed": str(job.train.seed),
                 **job.extra_metadata}
     return EmbeddingResult(DojoEmbedding(name, trained, metadata), list(state.losses), state.step, cancelled,
-                           checkpoints.last)
+                           checkpoints.last, plan)

@@ -21,6 +21,7 @@ from .comfy_compat import io, ui
 from .comfy_model import ComfyDenoisingModel
 from .failures import report_cancel
 from .lora_training import LoraJob, train_lora
+from .memory_planning import MEMORY_PLAN_OPTIONS, MEMORY_PLAN_TOOLTIP, PlanRequest
 from .paths import resolve_inside
 from .te_lora import TeTargets, pivotal_for, text_encoder_job
 from .types import EncodedDatasetType, PivotalType
@@ -161,11 +162,12 @@ class DojoTrainLoRA(io.ComfyNode):
                 io.String.Input("resume_from", default="", optional=True,
                                 tooltip="A run folder (or run/step_NNNNNN) in output/dojo_checkpoints to continue "
                                         "exactly; settings must match the run. Empty = start fresh."),
-                io.Int.Input("blocks_to_swap", default=0, min=0, max=1000, optional=True,
+                io.Int.Input("blocks_to_swap", default=-1, min=-1, max=1000, optional=True,
                              tooltip="Block swap, for models too large for the GPU: keep all but this many "
                                      "transformer blocks on the GPU and stream the last N from CPU memory for "
                                      "each forward and backward. Slower (weights cross the bus every step); "
-                                     "the result is identical. Use with gradient checkpointing. 0 = off."),
+                                     "the result is identical. Use with gradient checkpointing. 0 = off; "
+                                     "-1 = auto: as few as the memory plan needs (none when memory_plan is off)."),
                 io.LoraModel.Input("continue_from", optional=True,
                                    tooltip="Optional: a LoRA (e.g. from Dojo Load LoRA) to start from instead of "
                                            "a fresh one; it must be a plain LoRA of the same family, targets and rank."),
@@ -182,6 +184,8 @@ class DojoTrainLoRA(io.ComfyNode):
                                   tooltip="Optional, from Dojo Pivotal Embedding (needs clip): also train the trigger "
                                           "word's new embedding with the LoRA (pivotal tuning, SD1.5 / SDXL). Dojo "
                                           "LoRA Embedding takes it out; Save LoRA bundles it in the file."),
+                io.Combo.Input("memory_plan", options=MEMORY_PLAN_OPTIONS, default=MEMORY_PLAN_OPTIONS[0],
+                               optional=True, tooltip=MEMORY_PLAN_TOOLTIP),
             ],
             outputs=[
                 io.LoraModel.Output(display_name="lora", tooltip="The trained LoRA, for Dojo Apply/Save LoRA."),
@@ -194,8 +198,8 @@ class DojoTrainLoRA(io.ComfyNode):
     def execute(cls, model, dataset, steps, batch_size, grad_accumulation, learning_rate, rank, alpha, adapter,
                 targets, optimizer, lr_schedule, warmup_steps, timestep_sampling, shift, min_snr_gamma,
                 noise_offset, gradient_checkpointing, precision, seed, checkpoint_every, run_name,
-                resume_from="", blocks_to_swap=0, continue_from=None, clip=None, text_encoder_lr=0.0,
-                te_targets=TeTargets.ATTENTION_MLP.value, pivotal=None) -> io.NodeOutput:
+                resume_from="", blocks_to_swap=-1, continue_from=None, clip=None, text_encoder_lr=0.0,
+                te_targets=TeTargets.ATTENTION_MLP.value, pivotal=None, memory_plan=AUTO) -> io.NodeOutput:
         view = ComfyDenoisingModel(model)
         auto = resolve_auto_settings(view, rank=rank, learning_rate=learning_rate, targets=targets,
                                      timestep_sampling=timestep_sampling, shift=shift,
@@ -213,7 +217,8 @@ class DojoTrainLoRA(io.ComfyNode):
             adapter=AdapterConfig(AdapterType(adapter), rank=rank, alpha=alpha or float(rank)),
             targets=auto.targets,
             train=train_config, batch_size=batch_size, gradient_checkpointing=checkpointing,
-            blocks_to_swap=blocks_to_swap,
+            blocks_to_swap=max(0, blocks_to_swap),
+            memory_plan=PlanRequest(gradient_checkpointing == AUTO, blocks_to_swap < 0) if memory_plan == AUTO else None,
             checkpoint_every=checkpoint_every, checkpoint_dir=folders.run_dir, resume_from=folders.resume,
             init_lora=continue_from,
             text_encoder=text_encoder_job(clip, text_encoder_lr, te_targets, pivotal_for(pivotal, dataset)),

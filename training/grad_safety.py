@@ -63,7 +63,9 @@ def _written_tensors(func, args, kwargs) -> list[torch.Tensor]:
 
 def _storage_key(t: torch.Tensor):
     try:
-        return t.untyped_storage().data_ptr()
+        # The storage's identity rather than its data pointer: the same for real tensors, and also right
+        # for meta / fake tensors (whose data pointers are all 0), which the memory planner runs through.
+        return t.untyped_storage()._cdata
     except Exception:  # tensor subclasses without a plain storage: version check only
         return None
 

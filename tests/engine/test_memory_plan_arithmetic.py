@@ -1,0 +1,164 @@
+"""The memory planner's engine (training/memory_plan.py): the fake-tensor measurement counts what a real
+step allocates, the arithmetic keeps explicit settings and picks the cheapest that fit, and the CPU's
+free memory honours a real address-space limit."""
+import contextlib
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from comfyui_dojo.training import memory_plan as mp
+from comfyui_dojo.training.adapters import AdapterConfig, attach_adapter
+from comfyui_dojo.training.grad_safety import protected_training
+from comfyui_dojo.training.loop import Precision, TrainConfig, diffusion_loss
+from comfyui_dojo.training.optimizers import OptimizerKind
+from comfyui_dojo.training.protocol import TargetPreset
+
+from helpers import tiny_samples, tiny_unet_model
+from pack_import import PACK_IMPORT_SNIPPET
+from test_grad_safety import Toy
+
+def adapted_unet():
+    model = tiny_unet_model()
+    adapter = attach_adapter(model.unet, model.adaptable_modules(TargetPreset.ATTENTION_MLP), AdapterConfig(rank=4))
+    return model, adapter
+
+
+@pytest.mark.parametrize("precision", [Precision.FP32, Precision.BF16])
+def test_the_fake_step_counts_what_the_real_step_allocates(precision):
+    model, adapter = adapted_unet()
+    samples = tiny_samples(n=2, size=16)
+    config = TrainConfig(precision=precision)
+    fake = mp.probe_training_step(model, samples, 2, config, adapter.parameters(),
+                                  lambda gc: contextlib.nullcontext(), "cpu", False)
+    assert all(p.grad is None for p in adapter.parameters())  # the fake gradients are gone
+
+    # The same step for real, counted by the same dispatch mode on real tensors.
+    batch = torch.stack([samples[0].latent] * 2)
+    cond = samples[0].cond
+    cond = type(cond)(torch.cat([cond.context] * 2), None, {})
+    counter = mp.LiveBytes()
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision is Precision.BF16 else contextlib.nullcontext()
+    with counter:
+        with autocast:
+            loss = diffusion_loss(model, batch.float(), cond, torch.full((2,), 0.5), torch.zeros_like(batch))
+        loss.backward()
+    assert counter.peak > 100_000
+    # Equal up to the few ops whose fake (meta) kernels allocate outputs the real CPU kernels skip
+    # (e.g. convolution_backward's unneeded input gradient): the fake count errs on the safe side.
+    assert abs(fake.peak_bytes - counter.peak) <= 0.06 * counter.peak
+    assert fake.largest_tensor_bytes == counter.largest
+    adapter.detach()
+
+
+def test_activations_grow_with_the_batch_and_checkpointing_measures_less():
+    torch.manual_seed(0)
+    model = Toy(dim=32, depth=4)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for block in model.blocks:
+        block.fc2.bias.requires_grad_(True)
+
+    def measure(batch, checkpointing):
+        def step():
+            x = torch.randn(batch, 64, 32)
+            (model(x) ** 2).mean().backward()
+        with protected_training(model.blocks, checkpointing=checkpointing):
+            m = mp.measure_step(step, batch * 64)
+        for p in model.parameters():
+            p.grad = None
+        return m.peak_bytes
+
+    one, two = measure(1, False), measure(2, False)
+    assert 1.6 < two / one < 2.4
+    assert measure(2, True) < 0.8 * two
+
+
+def fixed_job(act_off=1000, act_on=400, blocks=(100,) * 10, other=50, swap_saves=True, params=10,
+              optimizer=OptimizerKind.ADAMW, batch=1):
+    measures = {False: mp.StepMeasure(act_off, 0, 1), True: mp.StepMeasure(act_on, 0, 1)}
+    calls = []
+
+    def measure(gc):
+        calls.append(gc)
+        return measures[gc]
+    job = mp.StepJob(mp.ModelMemory(other, tuple(blocks), swap_saves), params, optimizer, measure,
+                     device_type="test", batch_size=batch)
+    return job, calls
+
+
+@pytest.fixture(autouse=True)
+def no_margins(monkeypatch):
+    # The arithmetic tests use byte counts of a few thousand; the real margins are hundreds of MB.
+    monkeypatch.setitem(mp.MARGIN_BYTES, "test", 0)
+    monkeypatch.setitem(mp.RUNTIME_BYTES, "test", 0)
+    monkeypatch.setattr(mp, "MARGIN_FRACTION", 0.0)
+
+
+def test_estimate_adds_weights_adapter_optimizer_and_activations():
+    job, _ = fixed_job(params=10, optimizer=OptimizerKind.ADAMW)
+    e = mp.estimate(job, False, 0)
+    assert (e.weights, e.adapter, e.activations) == (1050, 10 * (4 + 8), 1000)
+    assert mp.estimate(fixed_job(optimizer=OptimizerKind.ADAMW_8BIT)[0], False).adapter == 10 * (4 + 2)
+    assert mp.estimate(fixed_job(optimizer=OptimizerKind.PRODIGY)[0], False).adapter == 10 * (4 + 16)
+
+
+def test_block_swap_saves_weights_only_with_checkpointing_and_off_the_cpu():
+    job, _ = fixed_job()
+    assert mp.estimate(job, True, 4).weights == 50 + 6 * 100 + 2 * 100
+    assert mp.estimate(job, False, 4).weights > job.model.total_bytes  # autograd keeps every streamed copy
+    cpu, _ = fixed_job(swap_saves=False)
+    assert mp.estimate(cpu, True, 4).weights > cpu.model.total_bytes
+
+
+def test_auto_picks_the_fastest_settings_that_fit():
+    job, calls = fixed_job()
+    total_off = mp.estimate(job, False).total
+    p = mp.plan(job, total_off, "test", checkpointing=None, blocks_to_swap=None)
+    assert p.fits and not p.checkpointing and p.blocks_to_swap == 0
+    job, calls = fixed_job()
+    p = mp.plan(job, total_off - 1, "test", checkpointing=None, blocks_to_swap=None)
+    assert p.fits and p.checkpointing and p.blocks_to_swap == 0 and "checkpointing on" in p.chosen
+    # Needs swapping: the fewest blocks that fit.
+    job, _ = fixed_job()
+    budget = mp.estimate(job, True, 3).total
+    p = mp.plan(job, budget, "test", checkpointing=None, blocks_to_swap=None)
+    assert (p.fits, p.checkpointing, p.blocks_to_swap) == (True, True, 3)
+    assert "3 blocks swapped" in p.summary()
+
+
+def test_explicit_settings_are_kept_and_refused_when_they_do_not_fit():
+    budget = mp.estimate(fixed_job()[0], True, 0).total
+    job, calls = fixed_job()
+    p = mp.plan(job, budget, "test", checkpointing=False, blocks_to_swap=0)
+    assert not p.fits and not p.checkpointing and calls == [False]  # never measured what it may not choose
+    message = str(mp.MemoryPlanRefused(p))
+    assert "gradient_checkpointing on" in message and "memory_plan" in message
+    job, _ = fixed_job()
+    p = mp.plan(job, 10**9, "test", checkpointing=True, blocks_to_swap=2)
+    assert (p.checkpointing, p.blocks_to_swap, p.chosen) == (True, 2, ())
+
+
+def test_refusal_names_batch_resolution_and_fp8_that_would_fit():
+    job, _ = fixed_job(act_off=1100, act_on=1000, blocks=(), other=4000, batch=4)
+    p = mp.plan(job, 4800, "test", checkpointing=None, blocks_to_swap=None)
+    assert not p.fits
+    text = str(mp.MemoryPlanRefused(p))
+    assert "batch_size 2 (now 4)" in text and "lower resolution" in text and "fp8 weights" in text
+    assert p.estimate.checkpointing  # the best try was the smallest
+
+
+def test_cpu_free_memory_honours_a_real_address_space_limit():
+    script = PACK_IMPORT_SNIPPET + (
+        "import json\nfrom comfyui_dojo.training.memory_plan import cpu_free_bytes, _self_status\n"
+        "print(json.dumps([*cpu_free_bytes(), _self_status('VmSize')]))\n")
+    unlimited = json.loads(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                                          check=True).stdout)
+    limit = unlimited[2] + 300 * 2**20
+    limited = subprocess.run(["prlimit", f"--as={limit}", sys.executable, "-c", script],
+                             capture_output=True, text=True, check=True)
+    free, source, vmsize = json.loads(limited.stdout)
+    assert source == "address-space limit (RLIMIT_AS)"
+    assert free == limit - vmsize and 0 < free < 400 * 2**20 < unlimited[0]

@@ -1,0 +1,125 @@
+"""The memory planner through ComfyUI's real models (issue 16): a plan is computed and shown for every
+family (LoRA and textual inversion, and by Dojo Estimate Memory); under a real address-space limit set
+with prlimit on a training process, 'auto' turns a job that fails for memory into one that finishes by
+choosing checkpointing, an explicit setting is kept and refused before step 1 with the settings that
+would fit, and the same job without the plan really fails at step 1."""
+import importlib
+import json
+import logging
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_lora_training import FAMILIES, encoded, job
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def dojo(comfy):
+    pack = sys.modules[comfy.pack_module_name()].__name__
+    mods = {name: importlib.import_module(f"{pack}.{name}") for name in (
+        "nodes.lora_training", "nodes.memory_planning", "nodes.memory_nodes", "nodes.comfy_compat",
+        "nodes.comfy_model", "nodes.ti_training", "training.protocol", "training.batches", "training.encoded",
+        "training.adapters", "training.loop", "training.memory_plan", "training.textual_inversion")}
+    return type("Dojo", (), {k.split(".")[-1]: v for k, v in mods.items()})
+
+
+def plan_logs(caplog):
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("Dojo memory plan: ")]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_plan_is_computed_and_shown_for_every_family(comfy, dojo, family, caplog):
+    patcher = FAMILIES[family][0]()
+    data = encoded(dojo, family)
+    weights = sum(t.numel() * t.element_size() for t in
+                  list(patcher.model.diffusion_model.parameters()) + list(patcher.model.diffusion_model.buffers()))
+    with caplog.at_level(logging.INFO, logger="comfyui-dojo"):
+        result = dojo.lora_training.train_lora(patcher, data, job(dojo, steps=1,
+                                                                  memory_plan=dojo.memory_planning.PlanRequest()))
+    p = result.memory_plan
+    assert p.fits and result.steps_done == 1
+    assert p.estimate.weights == weights and p.estimate.activations > 0 and p.estimate.adapter > 0
+    assert [m for m in plan_logs(caplog) if m.startswith(f"Dojo memory plan: {p.summary()}")]
+    assert "est. " in p.summary() and " free: checkpointing " in p.summary()
+    used = json.loads(result.lora.metadata["dojo_training"])
+    assert used["gradient_checkpointing"] == p.checkpointing
+    # Dojo Estimate Memory reports the same plan without training.
+    text = dojo.memory_nodes.DojoEstimateMemory.execute(
+        patcher, data, batch_size=2, rank=4, targets="all_linear", adapter="lora", optimizer="adamw",
+        gradient_checkpointing="off" if not p.checkpointing else "on", blocks_to_swap=0, precision="fp32").result[0]
+    assert text.splitlines()[0].split(" of ")[0] == p.summary().split(" of ")[0]
+    assert "checkpointing" in text and "available:" in text
+
+
+def test_a_bigger_batch_measures_more_and_checkpointing_measures_less(comfy, dojo):
+    patcher = FAMILIES["flux"][0]()
+    data = encoded(dojo, "flux", n=4)
+
+    def estimate(batch, gc):
+        _, figures = dojo.memory_nodes.estimate_lora_memory(
+            patcher, data, batch_size=batch, rank=4, targets="all_linear", adapter="lora", optimizer="adamw",
+            gradient_checkpointing=gc, blocks_to_swap=0, precision="bf16")
+        return figures["estimate"]
+    assert estimate(4, "off") > estimate(1, "off") > estimate(1, "on")
+
+
+def test_textual_inversion_plans_before_step_1(comfy, dojo, tiny_sd15_checkpoint, caplog):
+    from test_textual_inversion_nodes import CAPTIONS, latents, load_checkpoint
+    from test_textual_inversion_nodes import job as ti_job
+    model, clip, _ = load_checkpoint(comfy, tiny_sd15_checkpoint)
+    with caplog.at_level(logging.INFO, logger="comfyui-dojo"):
+        result = dojo.ti_training.train_embedding(model, clip, latents(), CAPTIONS,
+                                                  ti_job(dojo, steps=1, memory_plan=True))
+    assert result.memory_plan.fits and result.steps_done == 1
+    assert result.memory_plan.estimate.activations > 0
+    assert [m for m in plan_logs(caplog) if result.memory_plan.summary() in m]
+
+
+def run_under_limit(comfy, scenarios):
+    """Start memory_limit_job.py, set an address-space limit on it with prlimit between what the job's
+    step needs with checkpointing and without, and run `scenarios` under it."""
+    child = subprocess.Popen([sys.executable, str(Path(__file__).with_name("memory_limit_job.py")), str(comfy.root)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    try:
+        ready = None
+        for line in child.stdout:
+            if line.startswith("{"):
+                ready = json.loads(line)
+                break
+        assert ready and ready["ready"], child.stderr.read()[-3000:]
+        weights = ready["weights"]
+        need_on, need_off = ready["on"] - weights, ready["off"] - weights
+        assert need_off > 2 * need_on, ready  # a job where checkpointing matters
+        # Room above the address space in use: the planner's margin (8% + 160 MB) on top of a point a
+        # quarter of the way from the checkpointed need to the unchecked one.
+        target = need_on + (need_off - need_on) // 4
+        room = int((target + 160 * 2**20 + 0.08 * weights) / 0.92)
+        limit = ready["vmsize"] + room
+        resource.prlimit(child.pid, resource.RLIMIT_AS, (limit, limit))
+        out, err = child.communicate(" ".join(scenarios) + "\n", timeout=900)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    results = [json.loads(line) for line in out.splitlines() if line.startswith('{"scenario"')]
+    assert [r["scenario"] for r in results] == scenarios, err[-3000:]
+    return {r["scenario"]: r for r in results}, ready, room
+
+
+def test_under_a_real_memory_limit_auto_makes_the_job_fit_and_unplanned_fails(comfy, dojo):
+    results, ready, room = run_under_limit(comfy, ["auto", "explicit_off", "unplanned_off"])
+    auto, explicit, unplanned = results["auto"], results["explicit_off"], results["unplanned_off"]
+    # auto: the plan turns checkpointing on (the job starts from 'off') and the job finishes.
+    assert auto.get("finished") == 2 and auto["checkpointing"] is True, auto
+    assert "checkpointing on" in auto["summary"]
+    # The user's explicit 'off' is kept, so the job is refused before step 1, naming what would fit.
+    assert explicit.get("error") == "MemoryPlanRefused", explicit
+    assert "gradient_checkpointing on" in explicit["message"] and "free" in explicit["message"]
+    # Without the plan, the same job really runs out of memory in step 1.
+    assert unplanned.get("error") == "TrainingOutOfMemory" and unplanned["steps_before"] == 1, unplanned

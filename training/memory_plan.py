@@ -1,0 +1,479 @@
+"""Know before step 1 whether a training job fits in memory, and pick the settings that make it fit.
+
+The peak of one training step on the compute device is
+
+    weights resident on the device (block swap streams the last N blocks instead)
+  + adapter parameters + their optimizer state (AdamW fp32: 8 bytes a parameter, 8-bit AdamW: 2,
+    Prodigy: 16), which live through every step
+  + the peak of the forward + backward: activations saved for backward (all of them, or only the
+    block inputs with gradient checkpointing, plus one block's recomputation), the adapter's gradients,
+    autocast copies of the weights, and the transients of each op
+  + a workspace allowance for what no tensor count sees: the scratch memory kernels allocate
+    internally and the runtime's own growth the first time a step runs at a new shape (RUNTIME_BYTES,
+    measured by bench/memory_accuracy.py: ~60 MB on the CPU, whatever the model's size), and on the CPU
+    malloc's heap fragmentation in that first step (CPU_HEAP_GROWTH).
+
+The third term is not guessed: `measure_step` runs the real step (the family's real model classes, the
+real adapter, the real checkpointing and copy-on-write protection) under torch's `FakeTensorMode`, where
+no op computes or allocates, and a `LiveBytes` dispatch mode counts the storages the step creates and
+frees, op by op. The arithmetic here (what is resident, what block swap saves, what the optimizer keeps,
+what fits, what to suggest) is plain Python over those figures, so the same plan serves a 12-billion-
+parameter model built on fake tensors and a tiny one on the CPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import resource
+import weakref
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+import torch
+from torch.utils import _pytree as pytree
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from .optimizers import OptimizerKind
+
+GB = 1e9
+
+# Bytes of optimizer state per trainable parameter. AdamW keeps exp_avg and exp_avg_sq in fp32;
+# bitsandbytes' 8-bit AdamW keeps both as uint8 (plus per-block scales, < 1%); Prodigy keeps exp_avg,
+# exp_avg_sq, s and the initial weights p0, all fp32.
+OPTIMIZER_STATE_BYTES = {OptimizerKind.ADAMW: 8, OptimizerKind.ADAMW_8BIT: 2, OptimizerKind.PRODIGY: 16}
+ADAPTER_MASTER_BYTES = 4    # adapter weights are fp32 master weights
+
+# Safety margin kept free: a fraction of the available memory plus a fixed amount (the allocator's
+# fragmentation on CUDA; on the CPU what other threads and the rest of ComfyUI allocate meanwhile).
+MARGIN_FRACTION = 0.08
+RUNTIME_BYTES = {"cpu": 64 * 2**20, "cuda": 128 * 2**20}
+# On the CPU, tensors below glibc's largest mmap threshold (32 MiB on 64-bit) come from malloc's heap,
+# which the first step at a new shape fragments: its RSS peaks above the live bytes by about this
+# fraction of the heap-sized tensors alive at the peak (bench/memory_accuracy.py; later steps reuse the
+# holes). Larger tensors are mmapped and returned to the system when freed. CUDA's caching allocator
+# rounds and splits blocks instead; the margin covers it.
+HEAP_LIMIT = 32 * 2**20
+CPU_HEAP_GROWTH = 0.3
+MARGIN_BYTES = {"cuda": 512 * 2**20, "cpu": 160 * 2**20}
+
+
+# --- measuring: count live tensor storage, op by op ----------------------------------------------
+
+class LiveBytes(TorchDispatchMode):
+    """Counts the bytes of tensor storage created inside the mode that are still alive, and their peak.
+
+    Every op's outputs are looked at: a storage the op did not receive as an input (so not a view or an
+    in-place result) is new, and counted until Python frees it (a finalizer on the storage). Storages
+    that existed before the mode (weights, inputs) are never counted. Works on real, meta and fake
+    tensors alike, so a fake step measures what a real one would allocate."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self.largest = 0
+        self.heap_live = 0       # bytes in storages below HEAP_LIMIT (see CPU_HEAP_GROWTH)
+        self.heap_at_peak = 0
+        self._sizes: dict[int, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = {_storage_id(t) for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in pytree.tree_leaves(out):
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            key = storage._cdata
+            if key in inputs or key in self._sizes:
+                continue
+            size = storage.nbytes()
+            self._sizes[key] = size
+            self.live += size
+            if size < HEAP_LIMIT:
+                self.heap_live += size
+            self.largest = max(self.largest, size)
+            if self.live > self.peak:
+                self.peak, self.heap_at_peak = self.live, self.heap_live
+            weakref.finalize(storage, self._free, key)
+        return out
+
+    def _free(self, key: int) -> None:
+        size = self._sizes.pop(key, 0)
+        self.live -= size
+        if size < HEAP_LIMIT:
+            self.heap_live -= size
+
+
+def _storage_id(t: torch.Tensor) -> int | None:
+    try:
+        return t.untyped_storage()._cdata
+    except Exception:
+        return None
+
+
+@dataclass(frozen=True)
+class StepMeasure:
+    """What one fake forward + backward allocated beyond the weights: its peak of live bytes (saved
+    activations, gradients, transients), the largest single tensor, and the tokens it ran on."""
+    peak_bytes: int
+    largest_tensor_bytes: int
+    tokens: int
+    heap_bytes_at_peak: int = 0
+
+
+@contextlib.contextmanager
+def fake_tensors():
+    """Run torch ops without computing or allocating: real tensors met inside become fake ones. Inside
+    an active fake mode (a model built on fake tensors at real size) that mode is used."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+    active = next((m for m in _get_current_dispatch_mode_stack() if isinstance(m, FakeTensorMode)), None)
+    if active is not None:
+        yield active
+        return
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        yield mode
+
+
+class FusedAttentionOnMeta(TorchFunctionMode):
+    """On the meta device (where real-size models are planned for a GPU), run scaled_dot_product_attention
+    as the fused kernels a GPU runs (flash; memory-efficient where there is a mask), whose memory is
+    linear in the tokens: on meta tensors torch would pick the math kernel, which keeps the full
+    attention matrix, and plan gigabytes a GPU never allocates."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is not torch.nn.functional.scaled_dot_product_attention or args[0].device.type != "meta":
+            return func(*args, **kwargs)
+        q, k, v = args[:3]
+        mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
+        causal = kwargs.get("is_causal", False)
+        if mask is None:
+            return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False,
+                                                                      scale=kwargs.get("scale"))[0]
+        bias = mask if mask.dtype != torch.bool else torch.zeros(mask.shape, dtype=q.dtype, device=q.device)
+        return torch.ops.aten._scaled_dot_product_efficient_attention(
+            q, k, v, bias.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2]), True, 0.0, causal,
+            scale=kwargs.get("scale"))[0]
+
+
+def measure_step(step: Callable[[], None], tokens: int) -> StepMeasure:
+    """Run `step` (one forward + backward, building its inputs inside) on fake tensors and count what
+    it allocates. The trainable parameters' `.grad` it creates are reset to None afterwards."""
+    counter = LiveBytes()
+    with fake_tensors(), counter, FusedAttentionOnMeta():
+        step()
+    return StepMeasure(counter.peak, counter.largest, tokens, counter.heap_at_peak)
+
+
+# --- the arithmetic ------------------------------------------------------------------------------
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@dataclass(frozen=True)
+class ModelMemory:
+    """The model's weights as the step will hold them on the compute device."""
+    other_bytes: int                      # weights outside the swappable blocks (always resident)
+    block_bytes: tuple[int, ...] = ()     # per swappable block, in order; block swap parks the last N
+    swap_saves_memory: bool = True        # False when the compute device is the offload device (CPU)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.other_bytes + sum(self.block_bytes)
+
+    def resident_bytes(self, blocks_to_swap: int, checkpointing: bool) -> int:
+        """Weights on the device during a step. Parked blocks cost the largest one's copy twice (its
+        forward copy and, in a checkpointed backward, its recomputation's); without checkpointing
+        autograd keeps every streamed copy until backward, so swapping saves nothing."""
+        swap = min(max(blocks_to_swap, 0), len(self.block_bytes))
+        if swap == 0 or not self.swap_saves_memory or not checkpointing:
+            return self.total_bytes + (2 * max(self.block_bytes[-swap:]) if swap else 0)
+        kept = self.block_bytes[:len(self.block_bytes) - swap]
+        return self.other_bytes + sum(kept) + 2 * max(self.block_bytes[-swap:])
+
+
+def optimizer_bytes(params: int, optimizer: OptimizerKind) -> int:
+    return params * OPTIMIZER_STATE_BYTES[OptimizerKind(optimizer)]
+
+
+@dataclass(frozen=True)
+class Estimate:
+    checkpointing: bool
+    blocks_to_swap: int
+    weights: int
+    adapter: int          # adapter master weights + optimizer state
+    activations: int      # measured step peak: saved activations, gradients, transients
+    workspace: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.adapter + self.activations + self.workspace
+
+    def parts(self) -> str:
+        return (f"weights {gb(self.weights)}, adapter + optimizer {gb(self.adapter)}, "
+                f"activations + gradients {gb(self.activations)}, workspace {gb(self.workspace)}")
+
+
+@dataclass(frozen=True)
+class StepJob:
+    """What the planner knows of a job before step 1. `measure(checkpointing)` runs the fake step
+    (cached: each setting is measured at most once)."""
+    model: ModelMemory
+    adapter_params: int
+    optimizer: OptimizerKind
+    measure: Callable[[bool], StepMeasure]
+    device_type: str = "cpu"
+    batch_size: int = 1
+    weight_dtype_bytes: int = 2
+    _cache: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def measured(self, checkpointing: bool) -> StepMeasure:
+        if checkpointing not in self._cache:
+            self._cache[checkpointing] = self.measure(checkpointing)
+        return self._cache[checkpointing]
+
+
+def estimate(job: StepJob, checkpointing: bool, blocks_to_swap: int = 0) -> Estimate:
+    m = job.measured(checkpointing)
+    adapter = job.adapter_params * ADAPTER_MASTER_BYTES + optimizer_bytes(job.adapter_params, job.optimizer)
+    runtime = RUNTIME_BYTES.get(job.device_type, RUNTIME_BYTES["cuda"])
+    if job.device_type == "cpu":
+        runtime += int(CPU_HEAP_GROWTH * m.heap_bytes_at_peak)
+    return Estimate(checkpointing, blocks_to_swap, job.model.resident_bytes(blocks_to_swap, checkpointing),
+                    adapter, m.peak_bytes, runtime)
+
+
+def safety_margin(available: int, device_type: str) -> int:
+    return int(available * MARGIN_FRACTION) + MARGIN_BYTES.get(device_type, MARGIN_BYTES["cuda"])
+
+
+@dataclass(frozen=True)
+class Plan:
+    fits: bool
+    estimate: Estimate
+    available: int
+    margin: int
+    chosen: tuple[str, ...] = ()          # what the planner decided (settings that were 'auto')
+    suggestions: tuple[str, ...] = ()     # when nothing fits: settings that would
+
+    @property
+    def checkpointing(self) -> bool:
+        return self.estimate.checkpointing
+
+    @property
+    def blocks_to_swap(self) -> int:
+        return self.estimate.blocks_to_swap
+
+    def summary(self) -> str:
+        """One line for the progress text and the log, e.g.
+        'est. 11.2 GB of 12.0 GB free: checkpointing on, 8 blocks swapped'."""
+        swap = f"{self.blocks_to_swap} blocks swapped" if self.blocks_to_swap else "no block swap"
+        head = f"est. {gb(self.estimate.total)} of {gb(self.available)} free: " \
+               f"checkpointing {'on' if self.checkpointing else 'off'}, {swap}"
+        return head if self.fits else head + " (does not fit)"
+
+
+def plan(job: StepJob, available: int, device_type: str, *, checkpointing: bool | None,
+         blocks_to_swap: int | None, default_checkpointing: bool = False) -> Plan:
+    """The cheapest settings that fit. `None` = 'auto' (the planner chooses); a value is the user's and
+    is kept. Tried in order of speed: the default checkpointing without swap, checkpointing on, then
+    checkpointing on with 1, 2, ... blocks swapped (only where swapping frees device memory)."""
+    margin = safety_margin(available, device_type)
+    budget = available - margin
+    candidates: list[tuple[bool, int]] = []
+    gc_options = [checkpointing] if checkpointing is not None else \
+        list(dict.fromkeys([default_checkpointing, True]))
+    n_blocks = len(job.model.block_bytes)
+    for gc in gc_options:
+        if blocks_to_swap is not None:
+            candidates.append((gc, blocks_to_swap))
+        else:
+            swaps = range(n_blocks + 1) if (gc and job.model.swap_saves_memory) else [0]
+            candidates += [(gc, s) for s in swaps]
+    best = None
+    for gc, swap in candidates:
+        e = estimate(job, gc, swap)
+        if best is None or e.total < best.total:
+            best = e
+        if e.total <= budget:
+            chosen = []
+            if checkpointing is None:
+                chosen.append(f"checkpointing {'on' if gc else 'off'}")
+            if blocks_to_swap is None and swap:
+                chosen.append(f"{swap} blocks swapped")
+            return Plan(True, e, available, margin, tuple(chosen))
+    return Plan(False, best, available, margin, (), tuple(suggest(job, best, budget, device_type)))
+
+
+def suggest(job: StepJob, best: Estimate, budget: int, device_type: str) -> list[str]:
+    """Settings that would fit, from the best estimate: activations scale with the batch's tokens
+    (latent height x width x frames), weights with their dtype."""
+    out = []
+    fixed = best.total - best.activations - best.workspace
+    room = budget - fixed
+    if room > 0 and best.activations + best.workspace > 0:
+        ratio = room / (best.activations + best.workspace)
+        if job.batch_size > 1 and math.floor(job.batch_size * ratio) >= 1:
+            out.append(f"batch_size {math.floor(job.batch_size * ratio)} (now {job.batch_size})")
+        if ratio < 1:
+            out.append(f"a lower resolution: about {math.sqrt(ratio):.2f}x the side of the biggest bucket "
+                       f"(fewer pixels), or about {ratio:.2f}x the frames per clip")
+    if job.weight_dtype_bytes > 1:
+        saved = best.weights * (1 - 1 / job.weight_dtype_bytes)
+        if best.total - saved <= budget:
+            out.append("fp8 weights (load the model with weight_dtype fp8_e4m3fn)")
+    if best.adapter and job.optimizer is not OptimizerKind.ADAMW_8BIT:
+        eight_bit = best.total - optimizer_bytes(job.adapter_params, job.optimizer) \
+            + optimizer_bytes(job.adapter_params, OptimizerKind.ADAMW_8BIT)
+        if eight_bit <= budget:
+            out.append("optimizer adamw8bit")
+    if not best.checkpointing:
+        out.append("gradient_checkpointing on")
+    if not out:
+        out.append("a smaller model, or a device with more memory" if room <= 0 else
+                   "a lower resolution or fewer frames")
+    return out
+
+
+class MemoryPlanRefused(RuntimeError):
+    """The job does not fit with any setting the planner may choose; raised before step 1 (not a
+    MemoryError: nothing failed to allocate, and handlers of real allocation failures must not take it)."""
+
+    def __init__(self, p: Plan, what: str = "this training job"):
+        self.plan = p
+        e = p.estimate
+        super().__init__(
+            f"{what} needs an estimated {gb(e.total)} ({e.parts()}) with the best settings allowed "
+            f"(checkpointing {'on' if e.checkpointing else 'off'}, blocks_to_swap {e.blocks_to_swap}), but only "
+            f"{gb(p.available)} is free (keeping {gb(p.margin)} spare). Refused before step 1 so nothing "
+            f"is killed mid-run. Settings that would fit: {'; '.join(p.suggestions)}. Or set memory_plan to "
+            f"'off' to try anyway.")
+
+
+def gb(n: float) -> str:
+    return f"{n / GB:.1f} GB" if abs(n) >= 0.1 * GB else f"{n / 2**20:.0f} MB"
+
+
+# --- what is free ---------------------------------------------------------------------------------
+
+def _meminfo_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _self_status(field_name: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _cgroup_room() -> int | None:
+    """memory.max - memory.current of this process's cgroup (v2), when a limit is set."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            path = next((line.strip().split(":", 2)[2] for line in f if line.startswith("0::")), None)
+    except OSError:
+        return None
+    if path is None:
+        return None
+    base = os.path.join("/sys/fs/cgroup", path.lstrip("/"))
+    try:
+        with open(os.path.join(base, "memory.max")) as f:
+            limit = f.read().strip()
+        if limit == "max":
+            return None
+        with open(os.path.join(base, "memory.current")) as f:
+            current = int(f.read().strip())
+        return int(limit) - current
+    except (OSError, ValueError):
+        return None
+
+
+def cpu_free_bytes() -> tuple[int, str]:
+    """What this process may still allocate: the least of the system's available RAM, the address-
+    space limit (RLIMIT_AS, what `prlimit --as` / `ulimit -v` set) minus the address space in use,
+    and the cgroup's memory.max minus its usage."""
+    options = []
+    available = _meminfo_available()
+    if available is not None:
+        options.append((available, "available RAM"))
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        used = _self_status("VmSize") or 0
+        options.append((soft - used, "address-space limit (RLIMIT_AS)"))
+    room = _cgroup_room()
+    if room is not None:
+        options.append((room, "cgroup memory.max"))
+    if not options:
+        return 0, "unknown"
+    return min(options)
+
+
+def free_bytes(device: torch.device | str) -> tuple[int, str]:
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free), "free CUDA memory"
+    return cpu_free_bytes()
+
+
+def with_resident(free: int, resident: int) -> int:
+    """Memory the step may use: what is free plus what the model already holds on the device (the
+    estimate counts those weights itself)."""
+    return free + resident
+
+
+
+# --- the step the planner measures ----------------------------------------------------------------
+
+def biggest_sample(samples):
+    """The sample whose step costs most: the most latent elements, then the longest text."""
+    return max(samples, key=lambda s: (s.latent.numel(), s.cond.context.shape[1]))
+
+
+def probe_training_step(model, samples, batch_size: int, config, params, region, device,
+                        checkpointing: bool) -> StepMeasure:
+    """Measure one forward + backward of the training loop's own loss (`loop.diffusion_loss`) on the
+    biggest bucket at `batch_size`, inside `region(checkpointing)` (the trainer's checkpointing and
+    gradient protection), on fake tensors. Gradients it leaves on `params` are removed."""
+    from .batches import collate
+    from .loop import Precision, diffusion_loss
+    sample = biggest_sample(samples)
+    batch = collate([sample] * batch_size, list(range(batch_size)))
+    device = torch.device(device)
+    positions = sample.latent[0].numel()
+    tokens = batch_size * (positions + sample.cond.context.shape[1])
+
+    def step():
+        latents = batch.latents.to(device, torch.float32)
+        t = torch.full((batch_size,), 0.5, device=device)
+        noise = torch.zeros_like(latents)
+        # (No autocast on the meta device, where real-size models are planned: their weights are bf16.)
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16) \
+            if Precision(config.precision) is Precision.BF16 and device.type != "meta" else contextlib.nullcontext()
+        with autocast:
+            loss = diffusion_loss(model, latents, batch.cond.to(device), t, noise, config.min_snr_gamma)
+        loss.backward()
+
+    try:
+        with region(checkpointing):
+            return measure_step(step, tokens)
+    finally:
+        for p in params:
+            p.grad = None
