@@ -24,6 +24,7 @@ from ..training.protocol import Family, TargetPreset
 from . import comfy_compat as cc
 from .comfy_model import trainable_view
 from .grad_protection import training_region
+from .previews import PreviewRequest, TrainingPreviews
 from .progress import TrainingProgress
 
 log = logging.getLogger("comfyui-dojo")
@@ -58,6 +59,7 @@ class LoraJob:
     resume_from: Path | None = None
     init_lora: dict | None = None        # continue from an existing LoRA's weights (a fresh run otherwise)
     extra_metadata: dict = field(default_factory=dict)
+    previews: PreviewRequest | None = None   # sample previews while training (nodes/previews.py)
 
 
 @dataclass
@@ -67,6 +69,7 @@ class LoraResult:
     steps_done: int
     cancelled: bool
     last_checkpoint: Path | None
+    samples: list = field(default_factory=list)   # previews.Sample, in step order
 
 
 def run_identity(job: LoraJob, family: Family, dataset: EncodedDataset) -> dict:
@@ -106,14 +109,20 @@ def train_lora(model_patcher, dataset: EncodedDataset, job: LoraJob) -> LoraResu
                 step, losses, optimizer_state = checkpoints.resume(job.resume_from)
                 state = TrainState(step, losses)
                 progress.start_at(step, losses)
-            callbacks = Callbacks(on_step=progress.on_step, should_stop=progress.should_stop,
-                                  on_checkpoint=checkpoints.write)
+            previews = None if job.previews is None else \
+                TrainingPreviews(job.previews, patcher, view.family, progress, job.checkpoint_dir)
+            callbacks = Callbacks(on_step=previews.on_step if previews else progress.on_step,
+                                  should_stop=progress.should_stop, on_checkpoint=checkpoints.write)
             try:
                 with training_region(patcher, job.gradient_checkpointing, job.blocks_to_swap, device):
+                    if previews:
+                        previews.at_start(state.step)
                     state, optimizer, scheduler = train(
                         view, adapter, BatchSchedule(samples, batch_size, job.train.seed), job.train, device=device,
                         state=state, optimizer_state=optimizer_state, callbacks=callbacks,
                         checkpoint_every=job.checkpoint_every)
+                    if previews and state.step == job.train.steps:
+                        previews.at_end(state.step, state.losses[-1] if state.losses else None)
             except (torch.OutOfMemoryError, MemoryError) as e:
                 raise TrainingOutOfMemory(len(progress.losses) + 1, checkpoints.last) from e
             except RuntimeError as e:
@@ -136,4 +145,5 @@ def train_lora(model_patcher, dataset: EncodedDataset, job: LoraJob) -> LoraResu
                                              "dataset_size": len(dataset)}, sort_keys=True, default=str),
                 **job.extra_metadata}
     lora = DojoLoRA({k: v.cpu() for k, v in tensors.items()}, metadata)
-    return LoraResult(lora, list(state.losses), state.step, cancelled, checkpoints.last)
+    return LoraResult(lora, list(state.losses), state.step, cancelled, checkpoints.last,
+                      previews.samples if previews else [])

@@ -22,6 +22,7 @@ from .comfy_compat import io, ui
 from .comfy_model import ComfyDenoisingModel
 from .lora_training import LoraJob, train_lora
 from .paths import resolve_inside
+from .previews import lora_preview_request, sample_widgets, with_samples
 from .types import EncodedDatasetType
 
 log = logging.getLogger("comfyui-dojo")
@@ -151,6 +152,14 @@ class DojoTrainLoRA(io.ComfyNode):
                 io.LoraModel.Input("continue_from", optional=True,
                                    tooltip="Optional: a LoRA (e.g. from Dojo Load LoRA) to start from instead of "
                                            "a fresh one; it must be a plain LoRA of the same family, targets and rank."),
+                io.Conditioning.Input("preview_positive", optional=True,
+                                      tooltip="Optional: a prompt (any text encode node) to sample previews of the "
+                                              "LoRA as it trains, e.g. with the trigger word. Needs preview_vae."),
+                io.Conditioning.Input("preview_negative", optional=True,
+                                      tooltip="Optional negative prompt of the previews (default: the positive "
+                                              "zeroed out). Unused at cfg 1."),
+                io.Vae.Input("preview_vae", optional=True, tooltip="The VAE that decodes the previews."),
+                *sample_widgets(),
             ],
             outputs=[
                 io.LoraModel.Output(display_name="lora", tooltip="The trained LoRA, for Dojo Apply/Save LoRA."),
@@ -163,7 +172,8 @@ class DojoTrainLoRA(io.ComfyNode):
     def execute(cls, model, dataset, steps, batch_size, grad_accumulation, learning_rate, rank, alpha, adapter,
                 targets, optimizer, lr_schedule, warmup_steps, timestep_sampling, shift, min_snr_gamma,
                 noise_offset, gradient_checkpointing, precision, seed, checkpoint_every, run_name,
-                resume_from="", blocks_to_swap=0, continue_from=None) -> io.NodeOutput:
+                resume_from="", blocks_to_swap=0, continue_from=None, preview_positive=None, preview_negative=None,
+                preview_vae=None, **sample) -> io.NodeOutput:
         view = ComfyDenoisingModel(model)
         auto = resolve_auto_settings(view, rank=rank, learning_rate=learning_rate, targets=targets,
                                      timestep_sampling=timestep_sampling, shift=shift,
@@ -191,13 +201,14 @@ class DojoTrainLoRA(io.ComfyNode):
             train=train_config, batch_size=batch_size, gradient_checkpointing=checkpointing,
             blocks_to_swap=blocks_to_swap,
             checkpoint_every=checkpoint_every, checkpoint_dir=run_dir, resume_from=resume, init_lora=continue_from,
-            extra_metadata=dataset_metadata(dataset))
+            extra_metadata=dataset_metadata(dataset),
+            previews=lora_preview_request(preview_positive, preview_negative, preview_vae, **sample))
         result = train_lora(model, dataset, job)
         if result.cancelled:
             log.warning("Dojo: training cancelled at step %d of %d; what was trained is kept in %s "
                         "(set resume_from to '%s' to continue)", result.steps_done, steps, result.last_checkpoint,
                         run_dir.relative_to(root))
             cc.raise_interrupt()
-        graph = render_loss_plot(result.losses, title="Dojo LoRA loss")
+        graph = with_samples(render_loss_plot(result.losses, title="Dojo LoRA loss"), result.samples)
         image = image_tensor(graph)
         return io.NodeOutput(result.lora, loss_map(result.losses), image, ui=ui.PreviewImage(image, cls=cls))
