@@ -22,6 +22,7 @@ from .comfy_compat import io, ui
 from .comfy_model import ComfyDenoisingModel
 from .dataset_nodes import CACHE_DIR_NAME, encode_latents, epoch0_captions
 from .paths import resolve_inside
+from .previews import PreviewRequest, preview_settings, sample_widgets, with_samples
 from .ti_training import DojoEmbedding, EmbeddingJob, check_embedding_name, train_embedding
 from .train_lora import AUTO, checkpoint_root, image_tensor, loss_map
 from .types import DatasetType, EmbeddingType
@@ -90,6 +91,14 @@ class DojoTrainTextualInversion(io.ComfyNode):
                                         "exactly; settings must match. Empty = start fresh."),
                 io.Boolean.Input("cache_latents_to_disk", default=False, optional=True,
                                  tooltip="Keep the image latents in <output>/dojo_cache and reuse them in later runs."),
+                io.String.Input("preview_prompt", default="", multiline=True, optional=True,
+                                tooltip="Optional: a prompt to sample previews with while training, e.g. 'a photo "
+                                        "of {token} on a beach'. {token} (or embedding:<name>) is the embedding "
+                                        "as it stands; a prompt without either gets it in front. Empty = no "
+                                        "previews. The training CLIP encodes it at every preview."),
+                io.String.Input("preview_negative", default="", multiline=True, optional=True,
+                                tooltip="Negative prompt of the previews."),
+                *sample_widgets(),
             ],
             outputs=[
                 EmbeddingType.Output(display_name="embedding",
@@ -102,7 +111,8 @@ class DojoTrainTextualInversion(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, dataset, embedding_name, captions, num_vectors, init_word, steps,
                 batch_size, learning_rate, lr_schedule, warmup_steps, timestep_sampling, precision, seed,
-                checkpoint_every, run_name, resume_from="", cache_latents_to_disk=False) -> io.NodeOutput:
+                checkpoint_every, run_name, resume_from="", cache_latents_to_disk=False, preview_prompt="",
+                preview_negative="", **sample) -> io.NodeOutput:
         name = check_embedding_name(embedding_name)
         view = ComfyDenoisingModel(model)
         sampling = default_timestep_sampling(view.schedule.prediction) if timestep_sampling == AUTO \
@@ -138,13 +148,16 @@ class DojoTrainTextualInversion(io.ComfyNode):
                            caption_mode=CaptionMode(captions), trigger_word=trigger, batch_size=batch_size,
                            checkpoint_every=checkpoint_every, checkpoint_dir=run_dir, resume_from=resume,
                            extra_metadata=extra)
+        settings = preview_settings(**sample)
+        if preview_prompt.strip() and settings.every > 0:
+            job.previews = PreviewRequest(settings, vae, preview_prompt, preview_negative)
         result = train_embedding(model, clip, latents, texts, job)
         if result.cancelled:
             log.warning("Dojo: training cancelled at step %d of %d; what was trained is kept in %s "
                         "(set resume_from to '%s' to continue)", result.steps_done, steps, result.last_checkpoint,
                         run_dir.relative_to(root))
             cc.raise_interrupt()
-        image = image_tensor(render_loss_plot(result.losses, title="Dojo embedding loss"))
+        image = image_tensor(with_samples(render_loss_plot(result.losses, title="Dojo embedding loss"), result.samples))
         return io.NodeOutput(result.embedding, loss_map(result.losses), image, ui=ui.PreviewImage(image, cls=cls))
 
 

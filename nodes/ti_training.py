@@ -10,7 +10,7 @@ the shared CLIP nor the shared MODEL is changed: their outputs afterwards are bi
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -26,6 +26,7 @@ from ..training.textual_inversion import (FAMILY_ENCODERS, CaptionMode, Embeddin
 from . import comfy_compat as cc
 from .comfy_model import trainable_view
 from .grad_protection import training_region
+from .previews import PreviewRequest, TrainingPreviews, embedding_prompt
 from .progress import TrainingProgress
 
 log = logging.getLogger("comfyui-dojo")
@@ -57,6 +58,7 @@ class EmbeddingJob:
     checkpoint_dir: Path | None = None
     resume_from: Path | None = None
     extra_metadata: dict = field(default_factory=dict)
+    previews: PreviewRequest | None = None   # positive / negative as prompt strings (see train_embedding)
 
 
 @dataclass
@@ -66,6 +68,7 @@ class EmbeddingResult:
     steps_done: int
     cancelled: bool
     last_checkpoint: Path | None
+    samples: list = field(default_factory=list)   # previews.Sample, in step order
 
 
 def check_embedding_name(name: str) -> str:
@@ -150,13 +153,25 @@ def train_embedding(model_patcher, clip, latents: list[torch.Tensor], captions: 
             step, losses, optimizer_state = checkpoints.resume(job.resume_from)
             state = TrainState(step, losses)
             progress.start_at(step, losses)
-        callbacks = Callbacks(on_step=progress.on_step, should_stop=progress.should_stop,
-                              on_checkpoint=checkpoints.write)
+        previews = None
+        if job.previews is not None:
+            # The preview prompt is encoded at each preview by the training CLIP: the vectors as they stand.
+            positive, negative = embedding_prompt(job.previews.positive, name), job.previews.negative or ""
+            previews = TrainingPreviews(
+                replace(job.previews, positive=lambda: cc.encode_prompt(train_clip, positive),
+                        negative=lambda: cc.encode_prompt(train_clip, negative)),
+                patcher, family, progress, job.checkpoint_dir)
+        callbacks = Callbacks(on_step=previews.on_step if previews else progress.on_step,
+                              should_stop=progress.should_stop, on_checkpoint=checkpoints.write)
         with training_region(patcher, False):
+            if previews:
+                previews.at_start(state.step)
             state, optimizer, scheduler = train(
                 model, vectors, BatchSchedule(samples, job.batch_size, job.train.seed), job.train, device=device,
                 state=state, optimizer_state=optimizer_state, callbacks=callbacks,
                 checkpoint_every=job.checkpoint_every)
+            if previews and state.step == job.train.steps:
+                previews.at_end(state.step, state.losses[-1] if state.losses else None)
         cancelled = state.step < job.train.steps
         checkpoints.write_final(state, optimizer, scheduler)
         trained = {k: v.to("cpu") for k, v in vectors.state_dict().items()}
@@ -166,4 +181,4 @@ def train_embedding(model_patcher, clip, latents: list[torch.Tensor], captions: 
                 "dojo_learning_rate": str(job.train.learning_rate), "dojo_seed": str(job.train.seed),
                 **job.extra_metadata}
     return EmbeddingResult(DojoEmbedding(name, trained, metadata), list(state.losses), state.step, cancelled,
-                           checkpoints.last)
+                           checkpoints.last, previews.samples if previews else [])

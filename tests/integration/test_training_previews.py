@@ -20,7 +20,8 @@ def dojo(comfy):
     pack = sys.modules[comfy.pack_module_name()].__name__
     mods = {name: importlib.import_module(f"{pack}.{name}") for name in (
         "nodes.lora_training", "nodes.previews", "nodes.comfy_compat", "training.protocol", "training.batches",
-        "training.encoded", "training.adapters", "training.loop")}
+        "training.encoded", "training.adapters", "training.loop", "training.textual_inversion",
+        "nodes.ti_training")}
     return type("Dojo", (), {k.split(".")[-1]: v for k, v in mods.items()})
 
 
@@ -147,3 +148,28 @@ def test_cancel_during_a_preview_behaves_like_cancel_during_a_step(comfy, dojo, 
     assert during_step[0][0] in ("raised", "returned")
     if during_step[0][0] == "raised":
         assert during_step[0][1] == "InterruptProcessingException"
+
+
+def test_textual_inversion_previews_use_the_embedding_as_it_stands_and_change_nothing(comfy, dojo, tmp_path,
+                                                                                     tiny_sd15_checkpoint):
+    from test_textual_inversion_nodes import CAPTIONS, latents
+    from test_textual_inversion_nodes import job as ti_job
+    ti = dojo.ti_training
+    with torch.inference_mode():
+        _, clip, vae = comfy.nodes.NODE_CLASS_MAPPINGS["CheckpointLoaderSimple"]().load_checkpoint(
+            tiny_sd15_checkpoint)[:3]
+    settings = dojo.previews.PreviewSettings(every=2, steps=2, seed=3, width=64, height=64)
+    plain = ti.train_embedding(tiny_sd15_patcher(), clip, latents(), CAPTIONS,
+                               ti_job(dojo, steps=3, num_vectors=2, init_word="cat", checkpoint_dir=tmp_path / "a"))
+    previewed = ti.train_embedding(tiny_sd15_patcher(), clip, latents(), CAPTIONS, ti_job(
+        dojo, steps=3, num_vectors=2, init_word="cat", checkpoint_dir=tmp_path / "b",
+        previews=dojo.previews.PreviewRequest(settings, vae, "a photo of {token}", "blurry")))
+    assert torch.equal(plain.embedding.vectors["clip_l"], previewed.embedding.vectors["clip_l"])
+    assert plain.losses == previewed.losses
+    assert [s.step for s in previewed.samples] == [0, 2, 3]
+    assert sorted(p.name for p in (tmp_path / "b" / "samples").iterdir()) == \
+        ["step_000000.png", "step_000002.png", "step_000003.png"]
+    first, last = (np.asarray(previewed.samples[i].frames[0], dtype=np.int16) for i in (0, -1))
+    assert np.abs(first - last).max() > 0, "the previews do not see the embedding train"
+    assert dojo.previews.embedding_prompt("a photo of {token}", "tiemb") == "a photo of embedding:tiemb"
+    assert dojo.previews.embedding_prompt("a cat", "tiemb") == "embedding:tiemb a cat"
