@@ -5,6 +5,7 @@ from .comfy_compat import ComfyExtension, io
 from .caption_nodes import DojoCaptionImages, DojoDatasetImages, DojoSetCaptions, DojoWriteCaptions
 from .dataset_nodes import DojoEncodeDataset, DojoLoadImageDataset
 from .embedding_nodes import DojoApplyEmbedding, DojoLoadEmbedding, DojoSaveEmbedding, DojoTrainTextualInversion
+from .grid_nodes import DojoLoRAGrid
 from .lora_nodes import DojoApplyLoRA, DojoLoadLoRA, DojoSaveLoRA
 from .model_info import DojoModelInfo
 from .share_nodes import DojoAdapterInfo, DojoExportModelCard, DojoPublishToHub
@@ -21,6 +22,7 @@ NODES: list[type[io.ComfyNode]] = [
     DojoApplyLoRA,
     DojoSaveLoRA,
     DojoLoadLoRA,
+    DojoLoRAGrid,
     DojoTrainTextualInversion,
     DojoApplyEmbedding,
     DojoSaveEmbedding,
