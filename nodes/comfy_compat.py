@@ -187,9 +187,10 @@ def show_progress_text(text: str) -> None:
         logging.debug("Dojo: progress text not shown: %s", exc)
 
 
-def preview_tuple(pil_image):
-    """The form ComfyUI's progress hook sends as a node preview."""
-    return ("PNG", pil_image, 1024)
+def preview_tuple(pil_image, max_size: int = 1024):
+    """The form ComfyUI's progress hook sends as a node preview: PNG, shrunk to `max_size` only when larger
+    (ComfyUI would also enlarge a smaller one, blurring a sample's pixels)."""
+    return ("PNG", pil_image, max_size if max(pil_image.size) > max_size else None)
 
 
 CAPTIONER_FOLDER = "captioners"

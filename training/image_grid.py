@@ -24,7 +24,13 @@ def to_array(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
 
 
+def text_width(line: str) -> int:
+    return int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(line))
+
+
 def text_band(width: int, lines: list[str]) -> Image.Image:
+    """The lines on white, at least `width` wide and as wide as the longest line needs."""
+    width = max([width] + [8 + text_width(line) for line in lines])
     band = Image.new("RGB", (width, 6 + LINE * len(lines)), BACKGROUND)
     draw = ImageDraw.Draw(band)
     for i, line in enumerate(lines):
@@ -68,9 +74,11 @@ def preview_strip(previews: list[tuple[str, Image.Image]], width: int, at_most: 
     chosen = evenly_chosen(previews, at_most)
     side = max(16, width // max(1, len(chosen)))
     cells = [captioned(fit(image, side), label) for label, image in chosen]
-    out = Image.new("RGB", (max(width, side * len(cells)), max(c.height for c in cells)), BACKGROUND)
-    for i, cell in enumerate(cells):
-        out.paste(cell, (i * side, 0))
+    out = Image.new("RGB", (max(width, sum(c.width for c in cells)), max(c.height for c in cells)), BACKGROUND)
+    x = 0
+    for cell in cells:
+        out.paste(cell, (x, 0))
+        x += cell.width
     return out
 
 
@@ -81,8 +89,7 @@ def labelled_grid(cells: list[list[Image.Image]], row_labels: list[str], column_
     if not cells or not cells[0]:
         raise ValueError("a grid needs at least one cell")
     cw, ch = cells[0][0].size
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    label_w = 8 + max(int(probe.textlength(label)) for label in row_labels)
+    label_w = 8 + max(text_width(label) for label in row_labels)
     header_h = 6 + LINE * max(len(lines) for lines in column_labels)
     columns = len(cells[0])
     out = Image.new("RGB", (label_w + columns * (cw + gap), header_h + len(cells) * (ch + gap)), BACKGROUND)
