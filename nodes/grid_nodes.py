@@ -25,6 +25,7 @@ from .train_lora import checkpoint_root
 
 log = logging.getLogger("comfyui-dojo")
 MAX_LORA_INPUTS = 4
+ROWS_LORAS, ROWS_RUN = "loras", "run checkpoints"
 
 
 @dataclass
@@ -75,9 +76,9 @@ def checkpoint_lora(folder: Path, model) -> DojoLoRA:
                               "dojo_training": json.dumps(run, sort_keys=True)})
 
 
-def run_rows(run_folder: str, model) -> list[GridRow]:
+def run_rows(run_folder: str | Path, model) -> list[GridRow]:
     root = checkpoint_root()
-    folder = resolve_inside(root, run_folder.strip(), "run_folder")
+    folder = resolve_inside(root, str(run_folder).strip(), "run_folder")
     if not folder.is_dir():
         raise FileNotFoundError(f"run_folder '{run_folder}' does not exist in {root}: name a run folder that "
                                 "Dojo Train LoRA wrote (its run_name)")
@@ -135,6 +136,10 @@ class DojoLoRAGrid(io.ComfyNode):
                                tooltip="The sampler, as in KSampler."),
                 io.Combo.Input("scheduler", options=cc.SCHEDULER_NAMES, default="simple",
                                tooltip="The noise schedule, as in KSampler."),
+                io.Combo.Input("rows", options=[ROWS_LORAS, ROWS_RUN], default=ROWS_LORAS,
+                               tooltip="loras: each connected LoRA is a row. run checkpoints: each checkpoint of "
+                                       "the training run that made the connected LoRA (Train LoRA's output) is a "
+                                       "row, in step order: which checkpoint is best?"),
                 io.String.Input("run_folder", default="", optional=True,
                                 tooltip="A run folder in output/dojo_checkpoints (Train LoRA's run_name): each "
                                         "checkpoint step becomes a row, in step order."),
@@ -157,10 +162,20 @@ class DojoLoRAGrid(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, vae, positive, negative, latent, strengths, seeds, steps, cfg, sampler_name, scheduler,
-                run_folder="", clip=None, positive_text="", negative_text="", **loras) -> io.NodeOutput:
+                rows=ROWS_LORAS, run_folder="", clip=None, positive_text="", negative_text="",
+                **loras) -> io.NodeOutput:
         strength_values = parse_numbers(strengths, float, "strengths")
         seed_values = parse_numbers(seeds, int, "seeds")
-        rows = [GridRow(lora_label(name, lora), lora) for name, lora in sorted(loras.items()) if lora is not None]
+        connected = [(name, lora) for name, lora in sorted(loras.items()) if lora is not None]
+        if rows == ROWS_RUN:
+            runs = [getattr(lora, "run_folder", None) for _, lora in connected]
+            if not connected or None in runs:
+                missing = [name for (name, _), run in zip(connected, runs) if run is None] or ["lora_1"]
+                raise ValueError(f"rows = run checkpoints needs LoRAs straight from Dojo Train LoRA; {missing[0]} "
+                                 "comes from elsewhere (set rows to loras, or give run_folder)")
+            rows = [row for run in dict.fromkeys(runs) for row in run_rows(run, model)]
+        else:
+            rows = [GridRow(lora_label(name, lora), lora) for name, lora in connected]
         if run_folder and run_folder.strip():
             rows += run_rows(run_folder, model)
         if not rows:

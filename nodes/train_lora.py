@@ -204,6 +204,7 @@ class DojoTrainLoRA(io.ComfyNode):
             extra_metadata=dataset_metadata(dataset),
             previews=lora_preview_request(preview_positive, preview_negative, preview_vae, **sample))
         result = train_lora(model, dataset, job)
+        result.lora.run_folder = run_dir.relative_to(root)  # not saved: for Dojo LoRA Grid's run checkpoints
         if result.cancelled:
             log.warning("Dojo: training cancelled at step %d of %d; what was trained is kept in %s "
                         "(set resume_from to '%s' to continue)", result.steps_done, steps, result.last_checkpoint,
