@@ -173,19 +173,19 @@ class DojoLoRAGrid(io.ComfyNode):
                 missing = [name for (name, _), run in zip(connected, runs) if run is None] or ["lora_1"]
                 raise ValueError(f"rows = run checkpoints needs LoRAs straight from Dojo Train LoRA; {missing[0]} "
                                  "comes from elsewhere (set rows to loras, or give run_folder)")
-            rows = [row for run in dict.fromkeys(runs) for row in run_rows(run, model)]
+            grid_rows = [row for run in dict.fromkeys(runs) for row in run_rows(run, model)]
         else:
-            rows = [GridRow(lora_label(name, lora), lora) for name, lora in connected]
+            grid_rows = [GridRow(lora_label(name, lora), lora) for name, lora in connected]
         if run_folder and run_folder.strip():
-            rows += run_rows(run_folder, model)
-        if not rows:
+            grid_rows += run_rows(run_folder, model)
+        if not grid_rows:
             raise ValueError("Dojo LoRA Grid has no LoRA to show: connect lora_1 or set run_folder")
         text_clip = clip if clip is not None and positive_text.strip() else None
-        check_rows(model, text_clip, rows)
+        check_rows(model, text_clip, grid_rows)
 
         samples = latent["samples"]
         lora_strengths = [s for s in strength_values if s != 0.0]
-        bar = cc.progress_bar((len(rows) * len(lora_strengths) + (0.0 in strength_values)) * len(seed_values))
+        bar = cc.progress_bar((len(grid_rows) * len(lora_strengths) + (0.0 in strength_values)) * len(seed_values))
 
         def sample(m, c, seed):
             pos, neg = positive, negative
@@ -197,7 +197,7 @@ class DojoLoRAGrid(io.ComfyNode):
 
         base = {seed: sample(model, text_clip, seed) for seed in seed_values} if 0.0 in strength_values else {}
         cells = []
-        for row in rows:
+        for row in grid_rows:
             line = []
             for strength in strength_values:
                 if strength == 0.0:
@@ -207,7 +207,8 @@ class DojoLoRAGrid(io.ComfyNode):
                 line += [sample(applied, applied_clip, seed) for seed in seed_values]
             cells.append(line)
         columns = [[f"strength {s:g}", f"seed {seed}"] for s in strength_values for seed in seed_values]
-        grid = labelled_grid([[to_pil(c.numpy()) for c in line] for line in cells], [r.label for r in rows], columns)
+        grid = labelled_grid([[to_pil(c.numpy()) for c in line] for line in cells], [r.label for r in grid_rows],
+                             columns)
         grid_tensor = torch.from_numpy(to_array(grid))[None]
         batch = torch.stack([c for line in cells for c in line])
         return io.NodeOutput(grid_tensor, batch, ui=ui.PreviewImage(grid_tensor, cls=cls))

@@ -122,6 +122,8 @@ def train_lora(model_patcher, dataset: EncodedDataset, job: LoraJob) -> LoraResu
                         state=state, optimizer_state=optimizer_state, callbacks=callbacks,
                         checkpoint_every=job.checkpoint_every)
                     if previews and state.step == job.train.steps:
+                        # Checkpoint first: a cancel during the last preview keeps the finished run.
+                        checkpoints.write_final(state, optimizer, scheduler)
                         previews.at_end(state.step, state.losses[-1] if state.losses else None)
             except (torch.OutOfMemoryError, MemoryError) as e:
                 raise TrainingOutOfMemory(len(progress.losses) + 1, checkpoints.last) from e

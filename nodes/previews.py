@@ -97,6 +97,7 @@ def isolated_sampling(patcher):
     finally:
         for module, mode in zip(modules, modes):
             module.training = mode
+        patcher.model_options = options
         options.clear()
         options.update(saved_options)
         cc.load_for_compute(patcher)

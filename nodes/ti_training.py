@@ -171,6 +171,8 @@ def train_embedding(model_patcher, clip, latents: list[torch.Tensor], captions: 
                 state=state, optimizer_state=optimizer_state, callbacks=callbacks,
                 checkpoint_every=job.checkpoint_every)
             if previews and state.step == job.train.steps:
+                # Checkpoint first: a cancel during the last preview keeps the finished run.
+                checkpoints.write_final(state, optimizer, scheduler)
                 previews.at_end(state.step, state.losses[-1] if state.losses else None)
         cancelled = state.step < job.train.steps
         checkpoints.write_final(state, optimizer, scheduler)

@@ -113,6 +113,8 @@ def test_loras_as_inputs_and_clear_errors_that_apply_nothing(comfy, dojo, tiny_s
             with pytest.raises(error) as info:
                 run_grid(dojo, model, vae, "sd15", **kwargs)
             assert named in str(info.value)
+        with pytest.raises(ValueError, match="lora_1 comes from elsewhere"):  # not straight from Train LoRA
+            run_grid(dojo, model, vae, "sd15", lora_1=sd_result.lora, rows="run checkpoints")
         with pytest.raises(ValueError, match="strengths"):
             run_grid(dojo, model, vae, "sd15", lora_1=sd_result.lora, strengths="0, strong")
         assert calls == [], "something was sampled before the error"

@@ -9,6 +9,7 @@ import os
 import socket
 import struct
 import time
+import urllib.parse
 import urllib.request
 import uuid
 
@@ -104,6 +105,15 @@ def run_prompt(server, ws, client_id, prompt):
     raise AssertionError("the prompt did not finish")
 
 
+def loss_graph(server, messages) -> Image.Image:
+    """The image in the train node's final UI output, fetched from the server as the frontend does."""
+    final = [m for kind, m in messages if kind == "json" and m["type"] == "executed" and m["data"]["node"] == "train"]
+    entry = final[-1]["data"]["output"]["images"][0]
+    query = urllib.parse.urlencode(entry)
+    with urllib.request.urlopen(f"{server.url}/view?{query}", timeout=30) as r:
+        return Image.open(io.BytesIO(r.read())).convert("RGB")
+
+
 def test_live_previews_over_the_websocket_and_the_same_lora_without_them(comfy, tmp_path, tiny_sd15_checkpoint):
     import tiny_files
     base = make_base_directory(tmp_path / "server_base")
@@ -125,8 +135,9 @@ def test_live_previews_over_the_websocket_and_the_same_lora_without_them(comfy, 
 
     def prompt(run_name, previews: bool):
         p = dict(graph)
-        extra = dict(preview_positive=["pos", 0], preview_negative=["neg", 0], preview_vae=["ckpt", 2],
-                     sample_every=2, sample_steps=2, sample_width=64, sample_height=64, sample_seed=7) if previews else {}
+        extra = {} if not previews else dict(
+            preview_positive=["pos", 0], preview_negative=["neg", 0], preview_vae=["ckpt", 2], sample_every=2,
+            sample_steps=2, sample_width=64, sample_height=64, sample_seed=7)
         p["train"] = n("DojoTrainLoRA", run_name=run_name, **train, **extra)
         p["save"] = n("DojoSaveLoRA", lora=["train", 0], filename_prefix=f"previews/{run_name}")
         return p
@@ -137,8 +148,12 @@ def test_live_previews_over_the_websocket_and_the_same_lora_without_them(comfy, 
         try:
             with_previews = run_prompt(server, ws, client_id, prompt("live", previews=True))
             without = run_prompt(server, ws, client_id, prompt("quiet", previews=False))
+            graphs = [loss_graph(server, messages) for messages in (with_previews, without)]
         finally:
             ws.close()
+    # The loss graph output: the curve (640 x 320), with the run's samples as a labelled strip underneath.
+    assert graphs[1].size == (640, 320)
+    assert graphs[0].width == 640 and graphs[0].height > 320 + 64
 
     samples = base / "output" / "dojo_checkpoints" / "live_00001" / "samples"
     assert sorted(p.name for p in samples.iterdir()) == [f"step_{s:06d}.png" for s in (0, 2, 4, 5)]

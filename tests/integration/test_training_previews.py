@@ -102,7 +102,7 @@ def test_step_zero_preview_is_a_ksampler_run_on_the_base_model(comfy, dojo, tiny
     assert not np.array_equal(np.asarray(result.samples[1].frames[0]), expected)
 
 
-def run_with_interrupt(comfy, dojo, tmp_path, vae_name, during_preview: bool):
+def run_with_interrupt(comfy, dojo, tmp_path, vae_name, during_preview: bool, at_forward: int = 2, every: int = 2):
     """Train 4 steps with a preview every 2; press Cancel (ComfyUI's real interrupt, which its ops raise
     from inside the next forward) either in the preview after step 2 or in training step 3. Returns
     what the run did and the checkpoints it left."""
@@ -115,8 +115,8 @@ def run_with_interrupt(comfy, dojo, tmp_path, vae_name, during_preview: bool):
         training = torch.is_grad_enabled()
         if training:
             state["training_forwards"] += 1
-        due = (not training and during_preview and state["training_forwards"] == 2) or \
-              (training and not during_preview and state["training_forwards"] == 3)
+        due = (not training and during_preview and state["training_forwards"] == at_forward) or \
+              (training and not during_preview and state["training_forwards"] == at_forward + 1)
         if due and not state["fired"]:
             state["fired"] = True
             mm.interrupt_current_processing(True)
@@ -127,7 +127,7 @@ def run_with_interrupt(comfy, dojo, tmp_path, vae_name, during_preview: bool):
     hook = net.register_forward_pre_hook(pre_hook)
     try:
         result = dojo.lora_training.train_lora(patcher, encoded(dojo), job(
-            dojo, steps=4, checkpoint_dir=tmp_path, previews=preview_request(dojo, "sd15", vae, every=2)))
+            dojo, steps=4, checkpoint_dir=tmp_path, previews=preview_request(dojo, "sd15", vae, every=every)))
         outcome = ("returned", result.steps_done, result.cancelled)
     except BaseException as e:  # noqa: BLE001 (the interrupt is not an Exception in every version)
         outcome = ("raised", type(e).__name__)
@@ -173,3 +173,10 @@ def test_textual_inversion_previews_use_the_embedding_as_it_stands_and_change_no
     assert np.abs(first - last).max() > 0, "the previews do not see the embedding train"
     assert dojo.previews.embedding_prompt("a photo of {token}", "tiemb") == "a photo of embedding:tiemb"
     assert dojo.previews.embedding_prompt("a cat", "tiemb") == "embedding:tiemb a cat"
+
+
+def test_cancel_during_the_last_preview_keeps_the_finished_run(comfy, dojo, tmp_path, tiny_sd_vae):
+    outcome, checkpoints = run_with_interrupt(comfy, dojo, tmp_path, tiny_sd_vae, during_preview=True,
+                                              at_forward=4, every=100)
+    assert checkpoints == ["step_000004"]
+    assert outcome[0] == "raised" or outcome[1:] == (4, False), outcome
