@@ -103,13 +103,13 @@ def main():
             ["a", "b"])
         with torch.inference_mode():
             vae = comfy.nodes.NODE_CLASS_MAPPINGS["VAELoader"]().load_vae(vae_files[family](comfy.base))[0]
-        settings = mod["nodes.previews"].PreviewSettings(every=2, frames=frames)
+        settings = mod["nodes.previews"].PreviewSettings(every=args.steps, frames=frames)  # at step 0 and the end
 
-        def run(previews):
+        def run(previews, steps=args.steps):
             job = mod["nodes.lora_training"].LoraJob(
                 adapter=mod["training.adapters"].AdapterConfig(rank=16, alpha=16),
                 targets=mod["training.protocol"].TargetPreset.ATTENTION_MLP,
-                train=mod["training.loop"].TrainConfig(steps=args.steps, learning_rate=1e-4, seed=1),
+                train=mod["training.loop"].TrainConfig(steps=steps, learning_rate=1e-4, seed=1),
                 gradient_checkpointing=checkpointing,
                 previews=None if not previews else mod["nodes.previews"].PreviewRequest(
                     settings, vae, prompt(family, g), prompt(family, g)))
@@ -117,7 +117,7 @@ def main():
             result = mod["nodes.lora_training"].train_lora(builders[family](), data, job)
             return time.perf_counter() - start, len(result.samples)
 
-        run(False)  # warm-up (first-call costs of ComfyUI and torch)
+        run(False, steps=1)  # warm-up (first-call costs of ComfyUI and torch)
         plain, _ = run(False)
         with_previews, n = run(True)
         step_s = plain / args.steps
@@ -126,15 +126,14 @@ def main():
         measured = per_1000 * preview_s / (1000 * step_s)
         real = per_1000 * SAMPLE_STEPS * passes * preview_tokens(family, frames) / tokens(shape, family) \
             / (1000 * STEP_FORWARDS[checkpointing])
-        rows.append((name, step_s, preview_s, per_1000 * preview_s, measured, real))
-        print(f"  {name}: done", file=sys.stderr)
-
-    print(f"\nPreviews at the defaults: every {SAMPLE_EVERY} steps and at step 0, {SAMPLE_STEPS} sampler steps, "
-          f"{SAMPLE_SIDE} x {SAMPLE_SIDE}, bf16 training, 1 CPU thread")
-    print(f"{'workflow':<11} {'train s/step':>12} {'s/preview':>10} {'preview s/1000 steps':>21} "
-          f"{'share (tiny, here)':>19} {'share (real size, est.)':>24}")
-    for name, step_s, preview_s, per_1000, measured, real in rows:
-        print(f"{name:<11} {step_s:>12.3f} {preview_s:>10.2f} {per_1000:>21.1f} {measured:>18.1%} {real:>23.1%}")
+        if not rows:
+            print(f"\nPreviews at the defaults: every {SAMPLE_EVERY} steps and at step 0, {SAMPLE_STEPS} sampler "
+                  f"steps, {SAMPLE_SIDE} x {SAMPLE_SIDE}, bf16 training, 1 CPU thread")
+            print(f"{'workflow':<11} {'train s/step':>12} {'s/preview':>10} {'preview s/1000 steps':>21} "
+                  f"{'share (tiny, here)':>19} {'share (real size, est.)':>24}")
+        rows.append(name)
+        print(f"{name:<11} {step_s:>12.3f} {preview_s:>10.2f} {per_1000 * preview_s:>21.1f} {measured:>18.1%} "
+              f"{real:>23.1%}", flush=True)
     print("\nReal-size estimate: previews per 1000 steps x sampler steps x cfg passes x (preview tokens / training "
           "tokens) / (1000 x forward-equivalents per training step: 3, or 4.5 with gradient checkpointing). "
           "Attention's quadratic term is small at these sequence lengths for 3072-wide models (< 20% of a "
