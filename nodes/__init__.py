@@ -5,6 +5,7 @@ from .comfy_compat import ComfyExtension, io
 from .caption_nodes import DojoCaptionImages, DojoDatasetImages, DojoSetCaptions, DojoWriteCaptions
 from .dataset_nodes import DojoEncodeDataset, DojoLoadImageDataset
 from .embedding_nodes import DojoApplyEmbedding, DojoLoadEmbedding, DojoSaveEmbedding, DojoTrainTextualInversion
+from .grid_nodes import DojoLoRAGrid
 from .lora_nodes import DojoApplyLoRA, DojoLoadLoRA, DojoSaveLoRA
 from .memory_nodes import DojoEstimateMemory
 from .model_info import DojoModelInfo
@@ -23,6 +24,7 @@ NODES: list[type[io.ComfyNode]] = [
     DojoApplyLoRA,
     DojoSaveLoRA,
     DojoLoadLoRA,
+    DojoLoRAGrid,
     DojoTrainTextualInversion,
     DojoApplyEmbedding,
     DojoSaveEmbedding,

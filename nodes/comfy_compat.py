@@ -18,6 +18,8 @@ import comfy.model_base
 import comfy.model_management
 import comfy.model_sampling
 import comfy.patcher_extension
+import comfy.sample
+import comfy.samplers
 import comfy.sd
 import comfy.sd1_clip
 import comfy.supported_models
@@ -206,9 +208,10 @@ def show_progress_text(text: str) -> None:
         logging.debug("Dojo: progress text not shown: %s", exc)
 
 
-def preview_tuple(pil_image):
-    """The form ComfyUI's progress hook sends as a node preview."""
-    return ("PNG", pil_image, 1024)
+def preview_tuple(pil_image, max_size: int = 1024):
+    """The form ComfyUI's progress hook sends as a node preview: PNG, shrunk to `max_size` only when larger
+    (ComfyUI would also enlarge a smaller one, blurring a sample's pixels)."""
+    return ("PNG", pil_image, max_size if max(pil_image.size) > max_size else None)
 
 
 CAPTIONER_FOLDER = "captioners"
@@ -625,3 +628,61 @@ def embedding_directories() -> list[str]:
 def embedding_safetensors_names() -> list[str]:
     """The embeddings Dojo loads (safetensors only; the Info node lists every file)."""
     return [n for n in embedding_file_names() if n.endswith(".safetensors")]
+
+
+# --- sampling: training previews and LoRA grids ----------------------------------------------------
+# ComfyUI's own sampler (the KSampler node's path: comfy.sample), so previews and grid cells are what
+# a KSampler with the same settings gives. 0.8's fix_empty_latent_channels takes no downscale ratios;
+# its two-argument form is the same in both.
+
+SAMPLER_NAMES = list(comfy.samplers.KSampler.SAMPLERS)
+SCHEDULER_NAMES = list(comfy.samplers.KSampler.SCHEDULERS)
+
+
+def empty_latent(model_patcher, width: int, height: int, frames: int = 1) -> torch.Tensor:
+    """An empty latent for the model, as EmptyLatentImage / EmptySD3LatentImage / EmptyHunyuanLatentVideo
+    make them: [1, C, H/8, W/8], or [1, C, 1 + (frames - 1) / 4, H/8, W/8] for HunyuanVideo."""
+    channels = model_patcher.get_model_object("latent_format").latent_channels
+    if model_family(model_patcher) is Family.HUNYUAN_VIDEO:
+        return torch.zeros([1, channels, (max(1, frames) - 1) // 4 + 1, height // 8, width // 8])
+    return torch.zeros([1, channels, height // 8, width // 8])
+
+
+def ksample(model_patcher, positive, negative, latent: torch.Tensor, seed: int, steps: int, cfg: float,
+            sampler_name: str = "euler", scheduler: str = "simple") -> torch.Tensor:
+    """What the KSampler node computes for this latent (denoise 1), without its progress bar. Note that
+    ComfyUI seeds the noise through the global RNG; callers that must not disturb it fork the RNG."""
+    latent = comfy.sample.fix_empty_latent_channels(model_patcher, latent)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    return comfy.sample.sample(model_patcher, noise, steps, cfg, sampler_name, scheduler, positive, negative,
+                               latent, denoise=1.0, disable_pbar=True, seed=seed)
+
+
+def vae_decode(vae, samples: torch.Tensor) -> torch.Tensor:
+    """VAEDecode's output: IMAGE frames [N, H, W, 3] (a video latent gives its frames)."""
+    images = vae.decode(samples)
+    if images.ndim == 5:
+        images = images.reshape(-1, *images.shape[-3:])
+    return images
+
+
+def encode_prompt(clip, text: str) -> list:
+    """CLIPTextEncode's CONDITIONING for `text`."""
+    return clip.encode_from_tokens_scheduled(clip.tokenize(text))
+
+
+def show_node_images(entries: list[dict], animated: bool) -> None:
+    """Show files (entries of {filename, subfolder, type} as ComfyUI's /view serves them) on the running
+    node now, with the "executed" message ComfyUI sends for a node's UI output; silent without a server."""
+    try:
+        import server
+        from comfy_execution.utils import get_executing_context
+        context = get_executing_context()
+        instance = getattr(server.PromptServer, "instance", None)
+        if context is None or instance is None:
+            return
+        output = {"images": entries, "animated": [animated]}
+        instance.send_sync("executed", {"node": context.node_id, "display_node": context.node_id,
+                                        "output": output, "prompt_id": context.prompt_id}, instance.client_id)
+    except Exception as exc:  # never let a UI nicety break training
+        logging.debug("Dojo: preview not shown: %s", exc)

@@ -23,6 +23,7 @@ from .comfy_model import ComfyDenoisingModel
 from .dataset_nodes import ENCODE_LOWER, encode_latents, encode_once, epoch0_captions
 from .memory_planning import MEMORY_PLAN_OPTIONS, MEMORY_PLAN_TOOLTIP
 from .paths import resolve_inside
+from .previews import PreviewRequest, preview_settings, sample_widgets, with_samples
 from .ti_training import DojoEmbedding, EmbeddingJob, check_embedding_name, train_embedding
 from .failures import out_of_memory_as, report_cancel
 from .train_lora import AUTO, checkpoint_root, image_tensor, loss_map, run_folders
@@ -94,6 +95,14 @@ class DojoTrainTextualInversion(io.ComfyNode):
                                  tooltip="Keep the image latents in <output>/dojo_cache and reuse them in later runs."),
                 io.Combo.Input("memory_plan", options=MEMORY_PLAN_OPTIONS, default=MEMORY_PLAN_OPTIONS[0],
                                optional=True, tooltip=MEMORY_PLAN_TOOLTIP),
+                io.String.Input("preview_prompt", default="", multiline=True, optional=True,
+                                tooltip="Optional: a prompt to sample previews with while training, e.g. 'a photo "
+                                        "of {token} on a beach'. {token} (or embedding:<name>) is the embedding "
+                                        "as it stands; a prompt without either gets it in front. Empty = no "
+                                        "previews. The training CLIP encodes it at every preview."),
+                io.String.Input("preview_negative", default="", multiline=True, optional=True,
+                                tooltip="Negative prompt of the previews."),
+                *sample_widgets(),
             ],
             outputs=[
                 EmbeddingType.Output(display_name="embedding",
@@ -107,7 +116,7 @@ class DojoTrainTextualInversion(io.ComfyNode):
     def execute(cls, model, clip, vae, dataset, embedding_name, captions, num_vectors, init_word, steps,
                 batch_size, learning_rate, lr_schedule, warmup_steps, timestep_sampling, precision, seed,
                 checkpoint_every, run_name, resume_from="", cache_latents_to_disk=False,
-                memory_plan=AUTO) -> io.NodeOutput:
+                memory_plan=AUTO, preview_prompt="", preview_negative="", **sample) -> io.NodeOutput:
         name = check_embedding_name(embedding_name)
         view = ComfyDenoisingModel(model)
         sampling = default_timestep_sampling(view.schedule.prediction) if timestep_sampling == AUTO \
@@ -135,11 +144,14 @@ class DojoTrainTextualInversion(io.ComfyNode):
                            caption_mode=CaptionMode(captions), trigger_word=trigger, batch_size=batch_size,
                            checkpoint_every=checkpoint_every, checkpoint_dir=folders.run_dir, resume_from=folders.resume,
                            extra_metadata=extra, memory_plan=memory_plan == AUTO)
+        settings = preview_settings(**sample)
+        if preview_prompt.strip() and settings.every > 0:
+            job.previews = PreviewRequest(settings, vae, preview_prompt, preview_negative)
         result = train_embedding(model, clip, latents, texts, job)
         if result.cancelled:
             report_cancel(result.steps_done, steps, result.last_checkpoint, folders.run_dir, root)
             cc.raise_interrupt()
-        image = image_tensor(render_loss_plot(result.losses, title="Dojo embedding loss"))
+        image = image_tensor(with_samples(render_loss_plot(result.losses, title="Dojo embedding loss"), result.samples))
         return io.NodeOutput(result.embedding, loss_map(result.losses), image, ui=ui.PreviewImage(image, cls=cls))
 
 

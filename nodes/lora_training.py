@@ -27,6 +27,7 @@ from .comfy_model import trainable_view
 from .failures import training_failures
 from .grad_protection import training_region
 from .memory_planning import PlanRequest, settle, step_job
+from .previews import PreviewRequest, TrainingPreviews
 from .progress import TrainingProgress
 from .te_lora import JointTrainable, TextEncoderJob, pivotal_embedding, text_encoder_session
 
@@ -58,6 +59,7 @@ class LoraJob:
     text_encoder: TextEncoderJob | None = None  # also train a LoRA on the CLIP (te_lora.py)
     extra_metadata: dict = field(default_factory=dict)
     memory_plan: PlanRequest | None = None   # None = no memory check; else plan (and settle 'auto') before step 1
+    previews: PreviewRequest | None = None   # sample previews while training (nodes/previews.py)
 
 
 @dataclass
@@ -68,6 +70,7 @@ class LoraResult:
     cancelled: bool
     last_checkpoint: Path | None
     memory_plan: object | None = None    # the memory planner's Plan, when the job asked for one
+    samples: list = field(default_factory=list)   # previews.Sample, in step order
 
 
 def run_identity(job: LoraJob, family: Family, dataset: EncodedDataset) -> dict:
@@ -120,9 +123,6 @@ def train_lora(model_patcher, dataset: EncodedDataset, job: LoraJob) -> LoraResu
                 step, losses, optimizer_state = checkpoints.resume(job.resume_from)
                 state = TrainState(step, losses)
                 progress.start_at(step, losses)
-            callbacks = Callbacks(on_step=progress.on_step,
-                                  should_stop=lambda: parallel.stop_agreed or progress.should_stop(),
-                                  on_checkpoint=checkpoints.write, is_cancel=cc.is_interrupt)
             plan = None
             if job.memory_plan is not None:
                 plan = settle(step_job(view, patcher, samples, batch_size, job.train, adapter.parameters(), device),
@@ -130,13 +130,26 @@ def train_lora(model_patcher, dataset: EncodedDataset, job: LoraJob) -> LoraResu
                               blocks_to_swap=job.blocks_to_swap, request=job.memory_plan, what="this LoRA job")
                 if plan is not None:
                     job = replace(job, gradient_checkpointing=plan.checkpointing, blocks_to_swap=plan.blocks_to_swap)
+            # Only rank 0 of a data-parallel run saves samples (every rank samples the same weights).
+            previews = None if job.previews is None else \
+                TrainingPreviews(job.previews, patcher, view.family, progress,
+                                 job.checkpoint_dir if parallel.is_main else None)
+            callbacks = Callbacks(on_step=previews.on_step if previews else progress.on_step,
+                                  should_stop=lambda: parallel.stop_agreed or progress.should_stop(),
+                                  on_checkpoint=checkpoints.write, is_cancel=cc.is_interrupt)
             try:
                 with training_failures(checkpoints, progress), \
                         training_region(patcher, job.gradient_checkpointing, job.blocks_to_swap, device):
+                    if previews:
+                        previews.at_start(state.step)
                     state, optimizer, scheduler = train(
                         model, trainable, BatchSchedule(samples, batch_size, job.train.seed), job.train,
                         device=device, state=state, optimizer_state=optimizer_state, callbacks=callbacks,
                         checkpoint_every=job.checkpoint_every, parallel=parallel)
+                    if previews and state.step == job.train.steps:
+                        # Checkpoint first: a cancel during the last preview keeps the finished run.
+                        checkpoints.write_final(state, optimizer, scheduler)
+                        previews.at_end(state.step, state.losses[-1] if state.losses else None)
             except PeerLost as e:
                 raise PeerLost(f"{e}; {checkpoints.kept()}") from e
             cancelled = state.step < job.train.steps
@@ -166,4 +179,5 @@ def train_lora(model_patcher, dataset: EncodedDataset, job: LoraJob) -> LoraResu
     pivotal = job.text_encoder.embedding if job.text_encoder is not None else None
     if pivotal is not None:
         lora.embedding = pivotal_embedding(pivotal, vectors, view.family, state.step)
-    return LoraResult(lora, list(state.losses), state.step, cancelled, checkpoints.last, plan)
+    return LoraResult(lora, list(state.losses), state.step, cancelled, checkpoints.last, plan,
+                      previews.samples if previews else [])

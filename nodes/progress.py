@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import time
 
+from ..training.image_grid import stack
 from ..training.loss_plot import moving_average, render_loss_plot
 from . import comfy_compat as cc
 
@@ -21,6 +22,17 @@ class TrainingProgress:
         self.losses: list[float] = []
         self.text_every_s, self.plot_every_s = text_every_s, plot_every_s
         self._last_text = self._last_plot = 0.0
+        self.sample = None  # the latest preview sample (PIL), shown above the loss curve
+
+    def show_sample(self, step: int, image) -> None:
+        """Show a preview sample now, and above the loss curve in every later plot."""
+        self.sample = image
+        self._update(step, cc.preview_tuple(self._plot()))
+        self._last_plot = time.monotonic()
+
+    def _plot(self, losses=None):
+        plot = render_loss_plot(self.losses if losses is None else losses, 512, 256, self.label)
+        return plot if self.sample is None else stack([self.sample, plot])
 
     def start_at(self, step: int, losses: list[float]) -> None:
         """Continue a resumed run: its earlier losses and the bar at its step."""
@@ -36,7 +48,7 @@ class TrainingProgress:
         now = time.monotonic()
         preview = None
         if now - self._last_plot >= self.plot_every_s or step == self.total:
-            preview = cc.preview_tuple(render_loss_plot(losses, 512, 256, self.label))
+            preview = cc.preview_tuple(self._plot(losses))
             self._last_plot = now
         self._update(step, preview)
         if now - self._last_text >= self.text_every_s or step == self.total:

@@ -10,7 +10,7 @@ the shared CLIP nor the shared MODEL is changed: their outputs afterwards are bi
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -30,6 +30,7 @@ from .failures import training_failures
 from .grad_protection import training_region
 from .memory_planning import PlanRequest, settle, step_job
 from .paths import check_name_text
+from .previews import PreviewRequest, TrainingPreviews, embedding_prompt
 from .progress import TrainingProgress
 
 log = logging.getLogger("comfyui-dojo")
@@ -62,6 +63,7 @@ class EmbeddingJob:
     resume_from: Path | None = None
     extra_metadata: dict = field(default_factory=dict)
     memory_plan: bool = False    # plan before step 1 (checkpointing the UNet when the step would not fit)
+    previews: PreviewRequest | None = None   # positive / negative as prompt strings (see train_embedding)
 
 
 @dataclass
@@ -72,6 +74,7 @@ class EmbeddingResult:
     cancelled: bool
     last_checkpoint: Path | None
     memory_plan: object | None = None    # the memory planner's Plan, when the job asked for one
+    samples: list = field(default_factory=list)   # previews.Sample, in step order
 
 
 def check_embedding_name(name: str) -> str:
@@ -159,9 +162,6 @@ def train_embedding(model_patcher, clip, latents: list[torch.Tensor], captions: 
             step, losses, optimizer_state = checkpoints.resume(job.resume_from)
             state = TrainState(step, losses)
             progress.start_at(step, losses)
-        callbacks = Callbacks(on_step=progress.on_step,
-                              should_stop=lambda: parallel.stop_agreed or progress.should_stop(),
-                              on_checkpoint=checkpoints.write, is_cancel=cc.is_interrupt)
         plan = None
         if job.memory_plan:
             # The UNet's checkpointing is the one memory setting of this trainer; no input exposes it, so
@@ -170,12 +170,29 @@ def train_embedding(model_patcher, clip, latents: list[torch.Tensor], captions: 
                           patcher, device, checkpointing=False, blocks_to_swap=0,
                           request=PlanRequest(auto_checkpointing=True, auto_blocks_to_swap=False),
                           what="this textual-inversion job")
+        previews = None
+        if job.previews is not None:
+            # The preview prompt is encoded at each preview by the training CLIP: the vectors as they stand.
+            positive, negative = embedding_prompt(job.previews.positive, name), job.previews.negative or ""
+            previews = TrainingPreviews(
+                replace(job.previews, positive=lambda: cc.encode_prompt(train_clip, positive),
+                        negative=lambda: cc.encode_prompt(train_clip, negative)),
+                patcher, family, progress, job.checkpoint_dir if parallel.is_main else None)
+        callbacks = Callbacks(on_step=previews.on_step if previews else progress.on_step,
+                              should_stop=lambda: parallel.stop_agreed or progress.should_stop(),
+                              on_checkpoint=checkpoints.write, is_cancel=cc.is_interrupt)
         with training_failures(checkpoints, progress), \
                 training_region(patcher, plan is not None and plan.checkpointing):
+            if previews:
+                previews.at_start(state.step)
             state, optimizer, scheduler = train(
                 model, vectors, BatchSchedule(samples, job.batch_size, job.train.seed), job.train, device=device,
                 state=state, optimizer_state=optimizer_state, callbacks=callbacks,
                 checkpoint_every=job.checkpoint_every, parallel=parallel)
+            if previews and state.step == job.train.steps:
+                # Checkpoint first: a cancel during the last preview keeps the finished run.
+                checkpoints.write_final(state, optimizer, scheduler)
+                previews.at_end(state.step, state.losses[-1] if state.losses else None)
         cancelled = state.step < job.train.steps
         checkpoints.write_final(state, optimizer, scheduler)
         trained = {k: v.to("cpu") for k, v in vectors.state_dict().items()}
@@ -185,4 +202,4 @@ def train_embedding(model_patcher, clip, latents: list[torch.Tensor], captions: 
                 "dojo_learning_rate": str(job.train.learning_rate), "dojo_seed": str(job.train.seed),
                 **job.extra_metadata}
     return EmbeddingResult(DojoEmbedding(name, trained, metadata), list(state.losses), state.step, cancelled,
-                           checkpoints.last, plan)
+                           checkpoints.last, plan, previews.samples if previews else [])

@@ -24,6 +24,7 @@ from .lora_training import LoraJob, train_lora
 from .memory_planning import MEMORY_PLAN_OPTIONS, MEMORY_PLAN_TOOLTIP, PlanRequest
 from .paths import resolve_inside
 from .te_lora import TeTargets, pivotal_for, text_encoder_job
+from .previews import lora_preview_request, sample_widgets, with_samples
 from .types import EncodedDatasetType, PivotalType
 
 log = logging.getLogger("comfyui-dojo")
@@ -186,6 +187,14 @@ class DojoTrainLoRA(io.ComfyNode):
                                           "LoRA Embedding takes it out; Save LoRA bundles it in the file."),
                 io.Combo.Input("memory_plan", options=MEMORY_PLAN_OPTIONS, default=MEMORY_PLAN_OPTIONS[0],
                                optional=True, tooltip=MEMORY_PLAN_TOOLTIP),
+                io.Conditioning.Input("preview_positive", optional=True,
+                                      tooltip="Optional: a prompt (any text encode node) to sample previews of the "
+                                              "LoRA as it trains, e.g. with the trigger word. Needs preview_vae."),
+                io.Conditioning.Input("preview_negative", optional=True,
+                                      tooltip="Optional negative prompt of the previews (default: the positive "
+                                              "zeroed out). Unused at cfg 1."),
+                io.Vae.Input("preview_vae", optional=True, tooltip="The VAE that decodes the previews."),
+                *sample_widgets(),
             ],
             outputs=[
                 io.LoraModel.Output(display_name="lora", tooltip="The trained LoRA, for Dojo Apply/Save LoRA."),
@@ -199,7 +208,8 @@ class DojoTrainLoRA(io.ComfyNode):
                 targets, optimizer, lr_schedule, warmup_steps, timestep_sampling, shift, min_snr_gamma,
                 noise_offset, gradient_checkpointing, precision, seed, checkpoint_every, run_name,
                 resume_from="", blocks_to_swap=-1, continue_from=None, clip=None, text_encoder_lr=0.0,
-                te_targets=TeTargets.ATTENTION_MLP.value, pivotal=None, memory_plan=AUTO) -> io.NodeOutput:
+                te_targets=TeTargets.ATTENTION_MLP.value, pivotal=None, memory_plan=AUTO, preview_positive=None,
+                preview_negative=None, preview_vae=None, **sample) -> io.NodeOutput:
         view = ComfyDenoisingModel(model)
         auto = resolve_auto_settings(view, rank=rank, learning_rate=learning_rate, targets=targets,
                                      timestep_sampling=timestep_sampling, shift=shift,
@@ -222,11 +232,13 @@ class DojoTrainLoRA(io.ComfyNode):
             checkpoint_every=checkpoint_every, checkpoint_dir=folders.run_dir, resume_from=folders.resume,
             init_lora=continue_from,
             text_encoder=text_encoder_job(clip, text_encoder_lr, te_targets, pivotal_for(pivotal, dataset)),
-            extra_metadata=dataset_metadata(dataset))
+            extra_metadata=dataset_metadata(dataset),
+            previews=lora_preview_request(preview_positive, preview_negative, preview_vae, **sample))
         result = train_lora(model, dataset, job)
+        result.lora.run_folder = folders.run_dir.relative_to(root)  # not saved: for Dojo LoRA Grid's run checkpoints
         if result.cancelled:
             report_cancel(result.steps_done, steps, result.last_checkpoint, folders.run_dir, root)
             cc.raise_interrupt()
-        graph = render_loss_plot(result.losses, title="Dojo LoRA loss")
+        graph = with_samples(render_loss_plot(result.losses, title="Dojo LoRA loss"), result.samples)
         image = image_tensor(graph)
         return io.NodeOutput(result.lora, loss_map(result.losses), image, ui=ui.PreviewImage(image, cls=cls))

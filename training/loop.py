@@ -194,7 +194,12 @@ def train(model: DenoisingModel, adapter: AttachedAdapter, data: BatchSchedule, 
         state.step += 1
         state.losses.append(step_loss)
         if callbacks.on_step is not None:
-            callbacks.on_step(state.step, step_loss, scheduler.get_last_lr()[0])
+            try:  # a cancel in a step callback (e.g. a preview being sampled) keeps the finished step
+                callbacks.on_step(state.step, step_loss, scheduler.get_last_lr()[0])
+            except BaseException as e:
+                if callbacks.is_cancel is None or not callbacks.is_cancel(e):
+                    raise
+                break
         if checkpoint_every and state.step % checkpoint_every == 0 and callbacks.on_checkpoint is not None:
             callbacks.on_checkpoint(state, optimizer, scheduler)
     return state, optimizer, scheduler

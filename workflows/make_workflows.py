@@ -196,6 +196,13 @@ def save_group(w, trainer, prefix, trigger, base_name, dtype="fp16"):
     return saver
 
 
+def preview(w, trainer, positive, negative, vae):
+    """Train LoRA previews the sampling prompt (with the trigger word) every 250 steps while it trains."""
+    w.link(positive, "CONDITIONING", trainer, "preview_positive")
+    w.link(negative, "CONDITIONING", trainer, "preview_negative")
+    w.link(vae, "VAE", trainer, "preview_vae")
+
+
 def dataset_group(w, vae, clip, note, cache=True, **dataset):
     w.group("Step 2 - Dataset")
     w.note(note, title="Dataset")
@@ -261,7 +268,8 @@ def flux_lora(comfy) -> Workflow:
         "The Flux recipe: rank 16, 1000 steps, learning rate 1e-4, AdamW, batch 1, bf16 autocast with "
         "fp32 LoRA weights. Flow-matching objective; 'auto' timesteps sample with the Flux shift "
         "(~3.16). Training adapts attention + MLP layers ('auto').\n\n"
-        "The loss graph appears on the node while it trains. Cancel (the queue's X) keeps what was "
+        "The loss graph appears on the node while it trains, with a preview of the Step 4 prompt every 250 "
+        "steps (sample_every; also saved in the run's samples/ folder). Cancel (the queue's X) keeps what was "
         "trained: a checkpoint every 250 steps and at the end goes to output/dojo_checkpoints/<run_name>; "
         "set resume_from to that folder to continue. The seed widget is 'fixed' so that running the graph "
         "again does not train again (ComfyUI caches the result).",
@@ -281,6 +289,7 @@ def flux_lora(comfy) -> Workflow:
     w.link(pos, "CONDITIONING", guidance, "conditioning")
     neg = w.add("ConditioningZeroOut", title="Negative (unused at cfg 1)")
     w.link(pos, "CONDITIONING", neg, "conditioning")
+    preview(w, trainer, guidance, neg, vae)
     w.column()
     latent = w.add("EmptySD3LatentImage", width=1024, height=1024, batch_size=1)
     sampler = w.add("KSampler", seed=42, steps=20, cfg=1.0, sampler_name="euler", scheduler="simple", denoise=1.0)
@@ -294,6 +303,24 @@ def flux_lora(comfy) -> Workflow:
     image = w.add("SaveImage", node_width=400, filename_prefix="dojo/deltamon_stamp_flux")
     w.link(decode, "IMAGE", image, "images")
     save_group(w, trainer, "dojo/deltamon_stamp_flux", "DeltamonStamp", "flux1-dev.safetensors", "bf16")
+    w.group("Step 6 - Which checkpoint, at which strength?")
+    w.note("Dojo LoRA Grid samples every checkpoint of this run (rows: steps 250, 500, 750, 1000) at strengths "
+           "0.8, 1.0 and 1.4 and two seeds (columns), with the same prompt and sampler as above, and labels "
+           "each row and column. Pick the step and strength that show the subject without overcooking it; "
+           "the checkpoints stay in output/dojo_checkpoints/<run_name>. Add 0 to strengths for the base model "
+           "beside them. 24 images at 768 x 768: a few minutes on a 24 GB GPU.", title="Grid")
+    grid_latent = w.add("EmptySD3LatentImage", width=768, height=768, batch_size=1)
+    grid = w.add("DojoLoRAGrid", node_width=360, strengths="0.8, 1.0, 1.4", seeds="42, 43", steps=20, cfg=1.0,
+                 sampler_name="euler", scheduler="simple", rows="run checkpoints")
+    w.link(unet, "MODEL", grid, "model")
+    w.link(vae, "VAE", grid, "vae")
+    w.link(guidance, "CONDITIONING", grid, "positive")
+    w.link(neg, "CONDITIONING", grid, "negative")
+    w.link(grid_latent, "LATENT", grid, "latent")
+    w.link(trainer, "lora", grid, "lora_1")
+    w.column()
+    shown = w.add("SaveImage", node_width=400, filename_prefix="dojo/deltamon_stamp_flux_grid")
+    w.link(grid, "grid", shown, "images")
     return w
 
 
@@ -486,10 +513,13 @@ def hunyuan_lora(comfy, clips: bool) -> Workflow:
         + ("1500" if clips else "1000") + " steps, AdamW, batch 1, bf16 autocast. Flow-matching objective; "
         "'auto' timesteps sample with HunyuanVideo's shift 7. Training adapts all linear layers of the "
         "transformer blocks ('auto').\n\n"
-        "Cancel keeps a checkpoint in output/dojo_checkpoints/<run_name> (one every 250 steps here); "
-        "resume_from continues it.",
+        "Every 250 steps the node previews the Step 4 prompt as a "
+        + ("17-frame video" if clips else "5-frame video (short: a training step on a still is cheap next to "
+           "sampling many frames)")
+        + ", shown animated and saved as samples/step_NNNNNN.webp. Cancel keeps a checkpoint in output/dojo_checkpoints/<run_name> (one "
+        "every 250 steps here); resume_from continues it.",
         dict(steps=1500 if clips else 1000, rank=32, learning_rate=2e-4, precision="bf16", checkpoint_every=250,
-             seed=42), name.replace("dojo_", ""))
+             seed=42, sample_frames=17 if clips else 5), name.replace("dojo_", ""))
     w.group("Step 4 - Try it: apply and make a video")
     w.note("Dojo Apply LoRA at strength 1.4: HunyuanVideo LoRAs trained on "
            + ("short clips" if clips else "images") + " often need more than 1.0 to show fully; "
@@ -510,6 +540,7 @@ def hunyuan_lora(comfy, clips: bool) -> Workflow:
     w.link(pos, "CONDITIONING", guidance, "conditioning")
     neg = w.add("ConditioningZeroOut", title="Negative (unused at cfg 1)")
     w.link(pos, "CONDITIONING", neg, "conditioning")
+    preview(w, trainer, guidance, neg, vae)
     w.column()
     latent = w.add("EmptyHunyuanLatentVideo", width=848, height=480, length=33, batch_size=1)
     sampler = w.add("KSampler", seed=42, steps=30, cfg=1.0, sampler_name="euler", scheduler="simple", denoise=1.0)

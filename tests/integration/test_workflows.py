@@ -217,7 +217,9 @@ def test_workflow_layout_notes_and_groups(name):
 # Small and short for the tiny stand-ins; everything else runs as the workflow sets it.
 TEST_SETTINGS = {
     "DojoLoadImageDataset": dict(resolution=64, min_side=64, max_side=64),
-    "DojoTrainLoRA": dict(steps=2, rank=4, precision="fp32", checkpoint_every=0),
+    "DojoTrainLoRA": dict(steps=2, rank=4, precision="fp32", checkpoint_every=0, sample_steps=2, sample_width=64,
+                          sample_height=64, sample_frames=5),
+    "DojoLoRAGrid": dict(steps=2, seeds="1"),
     "DojoTrainTextualInversion": dict(steps=2, precision="fp32", checkpoint_every=0),
     "KSampler": dict(steps=2),
     "EmptySD3LatentImage": dict(width=64, height=64),
@@ -264,6 +266,13 @@ def check_saved_lora(comfy, outputs, trigger, base_model):
     return saved
 
 
+def previews_of(comfy, run_name) -> list[str]:
+    """The sample previews of the newest run called `run_name` (Train LoRA's sample_every)."""
+    runs = sorted((comfy.base / "output" / "dojo_checkpoints").glob(f"{run_name}_*"))
+    assert runs, run_name
+    return sorted(p.name for p in (runs[-1] / "samples").iterdir())
+
+
 def output_files(comfy, entries) -> list[Path]:
     files = [comfy.base / "output" / e.get("subfolder", "") / e["filename"] for e in entries]
     assert files and all(f.is_file() and f.stat().st_size > 0 for f in files)
@@ -274,10 +283,18 @@ def test_flux_workflow_runs(comfy, stand_ins):
     if not stand_ins["flux_detectable"]:
         pytest.skip(f"ComfyUI {comfy.version} detects Flux files only at hidden 3072 (~1.1 GB); "
                     "set DOJO_BIG_TEST_MODELS=1 to run the Flux workflow")
-    _, out = run_workflow(comfy, "dojo_flux_lora_trigger_word")
+    wf, out = run_workflow(comfy, "dojo_flux_lora_trigger_word")
     saved = check_saved_lora(comfy, out, "DeltamonStamp", "flux1-dev.safetensors")
     assert saved.startswith("dojo/deltamon_stamp_flux_")
     output_files(comfy, out["SaveImage"][0]["images"])
+    assert previews_of(comfy, "deltamon_stamp_flux") == ["step_000000.png", "step_000002.png"]
+    # The grid over the run's checkpoints (here the final one, step 2) at 0.8 / 1.0 / 1.4.
+    grid = next(n for n in wf["nodes"] if n["type"] == "DojoLoRAGrid")
+    assert "0.8, 1.0, 1.4" in grid["widgets_values"] and "run checkpoints" in grid["widgets_values"]
+    grid_files = output_files(comfy, out["SaveImage"][1]["images"])
+    from PIL import Image
+    with Image.open(grid_files[0]) as img:
+        assert img.width > 3 * 64 and img.height > 64
 
 
 def test_sdxl_workflow_runs(comfy, stand_ins):
@@ -319,6 +336,7 @@ def test_hunyuan_video_workflows_run(comfy, stand_ins, name):
     apply = next(n for n in wf["nodes"] if n["type"] == "DojoApplyLoRA")
     assert apply["widgets_values"][0] == 1.4
     check_saved_lora(comfy, out, "hvstyle", "hunyuan_video_t2v_720p_bf16.safetensors")
+    assert previews_of(comfy, name.replace("dojo_", "")) == ["step_000000.webp", "step_000002.webp"]
     videos = output_files(comfy, out["SaveWEBM"][0]["images"])
     assert all(v.suffix == ".webm" for v in videos)
     import av
