@@ -16,6 +16,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests" / "integration"))
+sys.path.insert(0, str(HERE.parent / "tests"))
+import pack_import  # noqa: E402,F401  (comfyui_dojo = this checkout, whatever pip installed)
 
 from ui_workflows import schema as read_schema  # noqa: E402
 
