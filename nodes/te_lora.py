@@ -217,6 +217,10 @@ class JointTrainable:
     def param_groups(self) -> list[dict]:
         return [{"params": list(t.parameters()), "lr": lr, "until": until} for t, lr, until in self.parts.values()]
 
+    def let_autocast_cast_inputs(self, enabled: bool) -> None:
+        for trainable, _, _ in self.parts.values():
+            trainable.let_autocast_cast_inputs(enabled)
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {f"{name}/{k}": v for name, (t, _, _) in self.parts.items() for k, v in t.state_dict().items()}
 

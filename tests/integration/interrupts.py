@@ -8,6 +8,12 @@ import time
 from contextlib import contextmanager
 
 
+def is_fake(value) -> bool:
+    from torch._subclasses.fake_tensor import is_fake as fake
+    import torch
+    return isinstance(value, torch.Tensor) and fake(value)
+
+
 def _mm():
     import comfy.model_management
     return comfy.model_management
@@ -20,6 +26,8 @@ def interrupt_in_forward(module, call: int):
     count = {"n": 0}
 
     def hook(mod, args):
+        if any(is_fake(a) for a in args):
+            return  # the memory planner's measured step (fake tensors) is not a training step
         count["n"] += 1
         if count["n"] == call:
             _mm().interrupt_current_processing(True)

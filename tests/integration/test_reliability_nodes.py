@@ -65,9 +65,10 @@ def test_out_of_memory_is_caught_with_what_to_lower(comfy, dojo, monkeypatch):
         if calls["n"] == 3:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
         return real_predict(self, *args, **kwargs)
-    monkeypatch.setattr(view_cls, "predict", predict)  # batch size 1: call n is step n
+    monkeypatch.setattr(view_cls, "predict", predict)  # batch size 1, no planning step: call n is step n
     with pytest.raises(RuntimeError, match=r"out of memory at training step 3\. Lower batch_size.*step_000002 is kept"):
-        train_node(dojo, model, encoded(dojo), steps=5, batch_size=1, checkpoint_every=2, run_name="oom")
+        train_node(dojo, model, encoded(dojo), steps=5, batch_size=1, checkpoint_every=2, run_name="oom",
+                   memory_plan="off")  # the real allocation failure, not the planner's refusal
     monkeypatch.setattr(view_cls, "predict", real_predict)
     assert torch.equal(reference_output(dojo, model), before)  # and the base model is untouched
 
