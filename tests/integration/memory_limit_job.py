@@ -12,22 +12,14 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
 
 
 def boot(comfy_root: str):
-    sys.path[:0] = [str(HERE), comfy_root]
+    sys.path[:0] = [str(HERE), str(HERE.parent), comfy_root]
     import comfy.options  # noqa: F401
     from comfy.cli_args import args
     args.cpu = True
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("comfyui_dojo", REPO / "__init__.py",
-                                                  submodule_search_locations=[str(REPO)])
-    sys.modules["comfyui_dojo"] = module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except Exception:
-        pass  # the V3 entrypoint may want a booted server; the submodules are what is used
+    import pack_import  # noqa: F401  (comfyui_dojo = this checkout, as in the tests)
 
 
 def vmsize() -> int:
