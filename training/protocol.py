@@ -21,6 +21,14 @@ class Family(str, enum.Enum):
     SDXL = "sdxl"
     FLUX = "flux"
     HUNYUAN_VIDEO = "hunyuan_video"
+    # Issue 18's families (specs in training/families/<value>.py).
+    WAN21 = "wan21"                      # Wan 2.1 T2V 1.3B / 14B, and Wan 2.2 A14B's two experts (same network)
+    WAN22_5B = "wan22_5b"                # Wan 2.2 TI2V 5B (48-channel VAE)
+    QWEN_IMAGE = "qwen_image"
+    Z_IMAGE = "z_image"
+    HUNYUAN_VIDEO_15 = "hunyuan_video_15"
+    CHROMA = "chroma"
+    GENERIC = "generic"                  # any other model ComfyUI loads (training/families/generic.py)
 
 
 class Prediction(str, enum.Enum):
