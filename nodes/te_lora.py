@@ -19,7 +19,7 @@ from torch import nn
 
 from ..training.adapters import AdapterConfig, attach_adapter
 from ..training.grad_safety import copy_on_write_saved_tensors
-from ..training.lora_formats import kohya_keys
+from ..training.lora_formats import factors_from_keys, kohya_keys
 from ..training.protocol import Family, select_linears
 from ..training.textual_inversion import (FAMILY_ENCODERS, CaptionMode, EmbeddingVectors, TextualInversionModel,
                                           caption_sample, initial_vectors, training_captions)
@@ -29,6 +29,7 @@ from . import comfy_compat as cc
 # encoder; SDXL's and Flux's CLIP-L is te1, SDXL's CLIP-G te2).
 TE_PREFIXES = {Family.SD15: {"clip_l": "lora_te_"}, Family.SDXL: {"clip_l": "lora_te1_", "clip_g": "lora_te2_"},
                Family.FLUX: {"clip_l": "lora_te1_"}}
+TE_KEY_PREFIX = "lora_te"  # every text-encoder key of a kohya-style file: lora_te_, lora_te1_, lora_te2_
 _LAYERS = r"^{enc}\.transformer\.text_model\.encoder\.layers\.\d+\."
 
 
@@ -105,6 +106,23 @@ def te_lora_keys(family: Family, factors: dict[str, tuple[torch.Tensor, torch.Te
     return out
 
 
+def split_te_keys(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(the diffusion model's tensors, the text encoders' `lora_te*` tensors) of a LoRA file."""
+    te = {k: v for k, v in state.items() if k.startswith(TE_KEY_PREFIX)}
+    return {k: v for k, v in state.items() if k not in te}, te
+
+
+def te_factors_from_state_dict(family: Family, state: dict[str, torch.Tensor], module_names: list[str]
+                               ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The inverse of `te_lora_keys` for the adapted text-encoder modules (continue_from)."""
+    keys = {}
+    for name in module_names:
+        enc, _, inner = name.partition(".transformer.")
+        base = TE_PREFIXES[Family(family)][enc] + inner.replace(".", "_")
+        keys[name] = [f"{base}.lora_down.weight", f"{base}.lora_up.weight", f"{base}.alpha"]
+    return factors_from_keys(state, keys)
+
+
 class TextEncoderSession:
     """The text encoder's LoRA during a run: a training clone of the CLIP with the layers attached, the
     tokens of each caption, and the model view that encodes a batch's captions each step."""
@@ -167,6 +185,14 @@ class TextEncoderSession:
 
     def model(self, view, unique: list[str]):
         return TextualInversionModel(view, unique, self.encode)
+
+    def continue_from(self, state: dict[str, torch.Tensor]) -> None:
+        """Start the text-encoder LoRA from a file's `lora_te*` tensors (continue_from)."""
+        if self.adapter is None:
+            raise ValueError(f"continue_from holds a text-encoder LoRA ({len(state)} lora_te* tensors) but this run "
+                             "does not train the text encoder: set text_encoder_lr > 0 (with the checkpoint's CLIP "
+                             "connected) to continue both halves")
+        self.adapter.load_low_rank_factors(te_factors_from_state_dict(self.family, state, list(self.adapter.originals)))
 
     def file_tensors(self) -> dict[str, torch.Tensor]:
         return {} if self.adapter is None else te_lora_keys(self.family, self.adapter.export_factors())
