@@ -48,13 +48,13 @@ def job(dojo, clip=None, steps=12, pivotal=None):
     text = None if pivotal is None else dojo.te_lora.TextEncoderJob(clip, 0.0, embedding=pivotal)
     return dojo.lora_training.LoraJob(
         adapter=dojo.adapters.AdapterConfig(rank=4, alpha=4), targets=dojo.protocol.TargetPreset.ATTENTION_MLP,
-        train=dojo.loop.TrainConfig(steps=steps, learning_rate=2e-3, precision=dojo.loop.Precision.FP32, seed=2,
+        train=dojo.loop.TrainConfig(steps=steps, learning_rate=1e-3, precision=dojo.loop.Precision.FP32, seed=0,
                                     weight_decay=0.0),
         batch_size=4, text_encoder=text)
 
 
 def pivotal_settings(dojo, fraction=1.0):
-    return dojo.te_lora.PivotalJob("pvt", num_vectors=2, init_word="cube", learning_rate=1e-2,
+    return dojo.te_lora.PivotalJob("pvt", num_vectors=2, init_word="cube", learning_rate=2e-2,
                                    train_fraction=fraction, trigger_word=TRIGGER)
 
 
@@ -97,10 +97,14 @@ def test_the_pair_lowers_the_loss_below_the_lora_alone_at_the_same_steps(comfy, 
     base = eval_loss(dojo, model, {}, plain, lats)
     lora_alone = eval_loss(dojo, model, alone.lora, plain, lats)
     lora_pair = eval_loss(dojo, model, pair.lora, with_token, lats)
-    assert lora_alone < base
-    assert lora_pair < lora_alone, (base, lora_alone, lora_pair)
-    # the same batches, timesteps and noise at every step (one seed): the pair's training loss is lower too
-    assert sum(pair.losses[6:]) < sum(alone.losses[6:])
+    # Measured over the tiny models' seeds (DOJO_TEST_MODEL_SEED=0..4) x training seeds 0 and 1, 12 steps
+    # (LoRA 1e-3, embedding 2e-2): the LoRA alone lowers the loss by 12.9-26.3%; the pair lowers it below
+    # the LoRA alone by another 1.8-8.4% (eval) and its training loss over steps 6-11 by 2.1-6.7%.
+    # (At LoRA lr 2e-3 / embedding 1e-2 the margin was 0.7-2.1% and the training one -0.2-1.2%: too thin.)
+    assert lora_alone < base * 0.95, (base, lora_alone)
+    assert lora_pair < lora_alone * (1 - 0.0075), (base, lora_alone, lora_pair)
+    # the same batches, timesteps and noise at every step: the pair's training loss is lower too
+    assert sum(pair.losses[6:]) < sum(alone.losses[6:]) * (1 - 0.01), (pair.losses, alone.losses)
 
 
 def comfy_lora_loader(comfy, dojo, model, clip, lora_name):

@@ -23,8 +23,8 @@ CAPTIONS = ["a red cube on a table", "a photo of a red cube", "a red cube in the
 @pytest.fixture(scope="module")
 def dojo(comfy):
     pack = sys.modules[comfy.pack_module_name()].__name__
-    names = ("nodes.lora_training", "nodes.te_lora", "nodes.comfy_compat", "nodes.train_lora", "training.adapters",
-             "training.batches", "training.encoded", "training.loop", "training.protocol")
+    names = ("nodes.lora_training", "nodes.te_lora", "nodes.comfy_compat", "nodes.train_lora", "nodes.lora_nodes",
+             "training.adapters", "training.batches", "training.encoded", "training.loop", "training.protocol")
     mods = {name: importlib.import_module(f"{pack}.{name}") for name in names}
     return types.SimpleNamespace(**{k.split(".")[-1]: v for k, v in mods.items()})
 
@@ -74,8 +74,7 @@ def test_comfy_applies_the_te_keys_through_strength_clip(comfy, dojo, sd15, trai
     assert (on - before[0]).abs().max() > 1e-3
     assert same_bits(off, before[0])
     # the node refuses nothing: Dojo Apply LoRA with the CLIP
-    from importlib import import_module
-    lora_nodes = import_module(dojo.lora_training.__name__.replace("lora_training", "lora_nodes"))
+    lora_nodes = dojo.lora_nodes
     lora_nodes.DojoApplyLoRA.execute(model, result.lora, 1.0, clip, 1.0)
     applied, no_clip = lora_nodes.DojoApplyLoRA.execute(model, result.lora, 1.0).result  # model only: te keys left out
     assert no_clip is None and len(applied.patches) == sum(k.startswith("lora_unet_") and k.endswith(".alpha")

@@ -8,8 +8,6 @@ The stand-in text encoder is ComfyUI's FluxClipModel with its own CLIP-L and a o
 (the real T5-XXL has a fixed 4.7 B-parameter config), so that the conditioning fits the tiny Flux."""
 from __future__ import annotations
 
-import importlib
-import sys
 import types
 from pathlib import Path
 
@@ -17,24 +15,15 @@ import pytest
 import safetensors.torch
 import torch
 
+from test_te_lora import CAPTIONS, dojo  # noqa: F401
 from test_textual_inversion_nodes import clip_text_encode, same_bits
 from tiny_comfy_models import randomize_
 
 pytestmark = pytest.mark.integration
-CAPTIONS = ["a red cube on a table", "a photo of a red cube", "a red cube in the grass", "a red cube, studio"]
 # T5 v1.1's layout (gated GELU, relative attention buckets), one layer; vocabulary as the real tokenizer's.
 T5_TINY = {"d_ff": 256, "d_kv": 64, "d_model": 768, "dense_act_fn": "gelu_pytorch_tanh", "is_gated_act": True,
            "layer_norm_epsilon": 1e-6, "model_type": "t5", "num_heads": 2, "num_layers": 1,
            "relative_attention_num_buckets": 32, "vocab_size": 32128}
-
-
-@pytest.fixture(scope="module")
-def dojo(comfy):
-    pack = sys.modules[comfy.pack_module_name()].__name__
-    names = ("nodes.lora_training", "nodes.te_lora", "nodes.lora_nodes", "nodes.comfy_compat", "training.adapters",
-             "training.batches", "training.encoded", "training.loop", "training.protocol")
-    mods = {name: importlib.import_module(f"{pack}.{name}") for name in names}
-    return types.SimpleNamespace(**{k.split(".")[-1]: v for k, v in mods.items()})
 
 
 @pytest.fixture(scope="module")
