@@ -221,24 +221,32 @@ class DojoSaveEmbedding(io.ComfyNode):
 
     @classmethod
     def execute(cls, embedding, filename_prefix, save_dtype, base_model_name="") -> io.NodeOutput:
-        root = Path(cc.embedding_directories()[0])
-        target = resolve_inside(root, filename_prefix, "filename_prefix")
-        if any(c.isspace() for c in target.name):
-            raise ValueError(f"filename_prefix '{filename_prefix}' has spaces: a prompt could not name the file")
-        path = next_free_path(target.parent, target.name, ".safetensors")
-        metadata = {**embedding.metadata, "dojo_version": __version__, "dojo_family": embedding_family(embedding),
-                    "dojo_num_vectors": str(embedding.num_vectors)}
-        if base_model_name:
-            metadata["dojo_base_model"] = base_model_name
-        if metadata["dojo_family"] != "unknown":
-            metadata.update(embedding_file_keys(metadata["dojo_family"], name=path.stem))
-        metadata = sharing_metadata("embedding", metadata, *cc.hidden_graph(cls))
-        tensors = embedding_file_tensors(embedding.vectors)
-        with out_of_memory_as("saving the embedding", "num_vectors"):
-            save_safetensors_new(path, {k: v.to(SAVE_DTYPES[save_dtype]) for k, v in tensors.items()}, metadata)
-        prompt_name = "embedding:" + path.relative_to(root).with_suffix("").as_posix()
-        log.info("Dojo: saved embedding to %s (use it as %s)", path, prompt_name)
+        prompt_name = save_embedding(embedding, filename_prefix, save_dtype, base_model_name, cc.hidden_graph(cls))
         return io.NodeOutput(prompt_name, ui={"text": [prompt_name]})
+
+
+def save_embedding(embedding: DojoEmbedding, filename_prefix: str, save_dtype: str, base_model_name: str = "",
+                   graph: tuple = (None, None), extra_metadata: dict | None = None) -> str:
+    """Write `embedding` as a new file `<filename_prefix>_NNNNN.safetensors` in models/embeddings; returns
+    the prompt name (`embedding:<file name>`). Save LoRA uses it too, for a pivotal LoRA's embedding."""
+    root = Path(cc.embedding_directories()[0])
+    target = resolve_inside(root, filename_prefix, "filename_prefix")
+    if any(c.isspace() for c in target.name):
+        raise ValueError(f"filename_prefix '{filename_prefix}' has spaces: a prompt could not name the file")
+    path = next_free_path(target.parent, target.name, ".safetensors")
+    metadata = {**embedding.metadata, **(extra_metadata or {}), "dojo_version": __version__,
+                "dojo_family": embedding_family(embedding), "dojo_num_vectors": str(embedding.num_vectors)}
+    if base_model_name:
+        metadata["dojo_base_model"] = base_model_name
+    if metadata["dojo_family"] != "unknown":
+        metadata.update(embedding_file_keys(metadata["dojo_family"], name=path.stem))
+    metadata = sharing_metadata("embedding", metadata, *graph)
+    tensors = embedding_file_tensors(embedding.vectors)
+    with out_of_memory_as("saving the embedding", "num_vectors"):
+        save_safetensors_new(path, {k: v.to(SAVE_DTYPES[save_dtype]) for k, v in tensors.items()}, metadata)
+    prompt_name = "embedding:" + path.relative_to(root).with_suffix("").as_posix()
+    log.info("Dojo: saved embedding to %s (use it as %s)", path, prompt_name)
+    return prompt_name
 
 
 def read_embedding_file(path: Path, name: str) -> DojoEmbedding:

@@ -16,12 +16,13 @@ from ..training.textual_inversion import bundle_tensors, split_bundle
 from . import comfy_compat as cc
 from .comfy_compat import io
 from .failures import out_of_memory_as
+from .embedding_nodes import save_embedding
 from .lora_training import DojoLoRA
 from .paths import resolve_inside
+from .te_lora import TE_KEY_PREFIX
 
 log = logging.getLogger("comfyui-dojo")
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-TE_KEY_PREFIX = "lora_te"  # kohya's text-encoder keys: lora_te_, lora_te1_, lora_te2_
 
 
 class LoraDoesNotFit(ValueError):
@@ -104,13 +105,22 @@ class DojoSaveLoRA(io.ComfyNode):
                                 tooltip="Recorded in the metadata (overrides the dataset's trigger word)."),
                 io.String.Input("base_model_name", default="", optional=True,
                                 tooltip="Recorded in the metadata, e.g. flux1-dev.safetensors."),
+                io.Boolean.Input("bundle_embedding", default=False, optional=True,
+                                 tooltip="Pivotal LoRAs only: also put the embedding inside the LoRA file "
+                                         "(bundle_emb.* keys), which A1111 / Forge read. ComfyUI's LoraLoader "
+                                         "ignores those keys with a 'lora key not loaded' warning each. The "
+                                         "embedding is always saved as its own file in models/embeddings."),
             ],
             hidden=cc.GRAPH_HIDDEN_INPUTS,  # the graph is embedded in the metadata, as ComfyUI does in PNGs
-            outputs=[io.String.Output(display_name="path", tooltip="Where the file was written, relative to models/loras.")],
+            outputs=[io.String.Output(display_name="path", tooltip="Where the file was written, relative to models/loras."),
+                     io.String.Output(display_name="embedding_prompt",
+                                      tooltip="Pivotal LoRAs: what a prompt writes to use the embedding saved "
+                                              "with it (embedding:<file name>); empty otherwise.")],
         )
 
     @classmethod
-    def execute(cls, lora, filename_prefix, save_dtype, trigger_word="", base_model_name="") -> io.NodeOutput:
+    def execute(cls, lora, filename_prefix, save_dtype, trigger_word="", base_model_name="",
+                bundle_embedding=False) -> io.NodeOutput:
         root = Path(cc.lora_directories()[0])
         target = resolve_inside(root, filename_prefix, "filename_prefix")
         path = next_free_path(target.parent, target.name, ".safetensors")
@@ -120,19 +130,26 @@ class DojoSaveLoRA(io.ComfyNode):
             metadata["dojo_trigger_word"] = trigger_word
         if base_model_name:
             metadata["dojo_base_model"] = metadata["ss_sd_model_name"] = base_model_name
-        metadata = sharing_metadata("lora", metadata, *cc.hidden_graph(cls))
+        graph = cc.hidden_graph(cls)
+        metadata = sharing_metadata("lora", metadata, *graph)
         dtype = SAVE_DTYPES[save_dtype]
         tensors = {k: v.to(dtype) for k, v in lora.items()}
-        embedding = getattr(lora, "embedding", None)
-        if embedding is not None:  # pivotal tuning: the embedding travels inside the file, as A1111 reads it
-            tensors.update({k: v.float() for k, v in bundle_tensors(embedding.name, embedding.vectors).items()})
-            metadata["dojo_bundled_embedding"] = embedding.name
+        relative = path.relative_to(root).as_posix()
+        embedding, prompt = getattr(lora, "embedding", None), ""
+        if embedding is not None:
+            # Pivotal tuning: the embedding's own file (ComfyUI: Load LoRA + embedding:<file>), written first
+            # so that the LoRA's metadata can name it; fp32, as the vectors were trained (a few KB).
+            prompt = save_embedding(embedding, filename_prefix, "fp32", base_model_name, graph,
+                                    {"dojo_lora_file": relative})
+            metadata.update({"dojo_pivotal_embedding": embedding.name, "dojo_embedding_file": prompt})
+            if bundle_embedding:  # A1111's bundle; ComfyUI's LoraLoader warns about every one of these keys
+                tensors.update({k: v.float() for k, v in bundle_tensors(embedding.name, embedding.vectors).items()})
+                metadata["dojo_bundled_embedding"] = embedding.name
         metadata = for_file(metadata, tensors, path.stem, metadata.get("dojo_trigger_word"))
         with out_of_memory_as("saving the LoRA", "save_dtype (fp16 needs half of fp32) or the rank it was trained with"):
             save_safetensors_new(path, tensors, metadata)
-        relative = str(path.relative_to(root))
         log.info("Dojo: saved LoRA to %s", path)
-        return io.NodeOutput(relative, ui={"text": [relative]})
+        return io.NodeOutput(relative, prompt, ui={"text": [relative] + ([prompt] if prompt else [])})
 
 
 def bundled_embedding(bundled: dict):

@@ -19,7 +19,7 @@ from ..training.checkpoints import RunCheckpoints
 from ..training.distributed import PeerLost, data_parallel
 from ..training.encoded import EncodedDataset
 from ..training.families import FamilySpec
-from ..training.file_metadata import latent_resolution, lora_file_keys
+from ..training.file_metadata import latent_resolution, lora_file_keys, network_shape_keys
 from ..training.loop import Callbacks, TrainConfig, TrainState, train
 from ..training.lora_formats import check_lora_tensors, factors_from_state_dict, lora_state_dict
 from ..training.protocol import TargetPreset
@@ -30,7 +30,7 @@ from .grad_protection import training_region
 from .memory_planning import PlanRequest, settle, step_job
 from .previews import PreviewRequest, TrainingPreviews
 from .progress import TrainingProgress
-from .te_lora import JointTrainable, TextEncoderJob, pivotal_embedding, text_encoder_session
+from .te_lora import JointTrainable, TextEncoderJob, pivotal_embedding, split_te_keys, text_encoder_session
 
 log = logging.getLogger("comfyui-dojo")
 
@@ -118,8 +118,15 @@ def train_lora(model_patcher, dataset: EncodedDataset, job: LoraJob) -> LoraResu
             state, optimizer_state = TrainState(), None
             if job.init_lora is not None:
                 check_lora_tensors(dict(job.init_lora), "continue_from")
+                unet_init, te_init = split_te_keys(dict(job.init_lora))
                 adapter.load_low_rank_factors(factors_from_state_dict(
-                    view.spec, dict(job.init_lora), list(adapter.originals), diffusers_names))
+                    view.spec, unet_init, list(adapter.originals), diffusers_names))
+                if te_init:  # a text-encoder LoRA run goes on with both halves
+                    if te is None:
+                        raise ValueError(f"continue_from holds a text-encoder LoRA ({len(te_init)} lora_te* tensors)"
+                                         " but no CLIP is connected: connect the checkpoint's CLIP to Train "
+                                         "LoRA's clip input and set text_encoder_lr > 0 to continue both halves")
+                    te.continue_from(te_init)
             if job.resume_from is not None:
                 step, losses, optimizer_state = checkpoints.resume(job.resume_from)
                 state = TrainState(step, losses)
@@ -162,7 +169,7 @@ def train_lora(model_patcher, dataset: EncodedDataset, job: LoraJob) -> LoraResu
         finally:
             adapter.detach()
     metadata = {"dojo_family": view.family.value, "dojo_steps": str(state.step),
-                "ss_network_dim": str(job.adapter.rank), "ss_network_alpha": str(job.adapter.alpha),
+                **network_shape_keys(tensors),  # what the file holds (alpha folded into up), not the trained alpha
                 "ss_learning_rate": str(job.train.learning_rate), "ss_num_train_images": str(len(dataset)),
                 "ss_max_train_steps": str(job.train.steps), "ss_seed": str(job.train.seed),
                 # every setting of the run, as one JSON string (read back by Dojo Adapter Info and model cards)

@@ -61,6 +61,11 @@ class DojoLoRAEmbedding(io.ComfyNode):
     def execute(cls, lora) -> io.NodeOutput:
         embedding = getattr(lora, "embedding", None)
         if embedding is None:
+            saved = getattr(lora, "metadata", {}).get("dojo_embedding_file")
+            if saved:
+                raise ValueError(f"this LoRA file does not bundle its embedding: Dojo Save LoRA wrote it as its "
+                                 f"own file, {saved.split(':', 1)[-1]} in models/embeddings; load that with Dojo "
+                                 f"Load Embedding, or use {saved} in the prompt")
             raise ValueError("this LoRA carries no embedding: train it with a Dojo Pivotal Embedding connected to "
                              "Dojo Train LoRA's pivotal input, or load a file that bundles one")
         return io.NodeOutput(embedding)

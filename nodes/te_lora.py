@@ -21,7 +21,7 @@ from ..training import families
 from ..training.adapters import AdapterConfig, attach_adapter
 from ..training.families import FamilyLike
 from ..training.grad_safety import copy_on_write_saved_tensors
-from ..training.lora_formats import kohya_keys
+from ..training.lora_formats import factors_from_keys, kohya_keys
 from ..training.protocol import select_linears
 from ..training.textual_inversion import (CaptionMode, EmbeddingVectors, TextualInversionModel,
                                           caption_sample, initial_vectors, training_captions)
@@ -30,6 +30,7 @@ from . import comfy_compat as cc
 # kohya's prefixes per text encoder are the family spec's `te_lora_prefixes`, which ComfyUI's
 # model_lora_keys_clip maps (lora_te_ for SD1.5's only encoder; SDXL's and Flux's CLIP-L is te1, SDXL's
 # CLIP-G te2).
+TE_KEY_PREFIX = "lora_te"  # every text-encoder key of a kohya-style file: lora_te_, lora_te1_, lora_te2_
 _LAYERS = r"^{enc}\.transformer\.text_model\.encoder\.layers\.\d+\."
 
 
@@ -110,6 +111,23 @@ def te_lora_keys(family: FamilyLike, factors: dict[str, tuple[torch.Tensor, torc
     return out
 
 
+def split_te_keys(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(the diffusion model's tensors, the text encoders' `lora_te*` tensors) of a LoRA file."""
+    te = {k: v for k, v in state.items() if k.startswith(TE_KEY_PREFIX)}
+    return {k: v for k, v in state.items() if k not in te}, te
+
+
+def te_factors_from_state_dict(family: FamilyLike, state: dict[str, torch.Tensor], module_names: list[str]
+                               ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The inverse of `te_lora_keys` for the adapted text-encoder modules (continue_from)."""
+    keys = {}
+    for name in module_names:
+        enc, _, inner = name.partition(".transformer.")
+        base = families.as_spec(family).te_lora_prefixes[enc] + inner.replace(".", "_")
+        keys[name] = [f"{base}.lora_down.weight", f"{base}.lora_up.weight", f"{base}.alpha"]
+    return factors_from_keys(state, keys)
+
+
 class TextEncoderSession:
     """The text encoder's LoRA during a run: a training clone of the CLIP with the layers attached, the
     tokens of each caption, and the model view that encodes a batch's captions each step."""
@@ -174,6 +192,14 @@ class TextEncoderSession:
 
     def model(self, view, unique: list[str]):
         return TextualInversionModel(view, unique, self.encode)
+
+    def continue_from(self, state: dict[str, torch.Tensor]) -> None:
+        """Start the text-encoder LoRA from a file's `lora_te*` tensors (continue_from)."""
+        if self.adapter is None:
+            raise ValueError(f"continue_from holds a text-encoder LoRA ({len(state)} lora_te* tensors) but this run "
+                             "does not train the text encoder: set text_encoder_lr > 0 (with the checkpoint's CLIP "
+                             "connected) to continue both halves")
+        self.adapter.load_low_rank_factors(te_factors_from_state_dict(self.spec, state, list(self.adapter.originals)))
 
     def file_tensors(self) -> dict[str, torch.Tensor]:
         return {} if self.adapter is None else te_lora_keys(self.spec, self.adapter.export_factors())

@@ -65,6 +65,30 @@ def training_keys(family: FamilyLike, *, resolution: tuple[int, int] | None, cap
     return out
 
 
+_DOWN_SUFFIXES = (".lora_down.weight", ".lora_A.weight")
+
+
+def network_shape_keys(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    """kohya's ss_network_dim / ss_network_alpha as the file's tensors hold them (kohya's loaders scale by
+    each module's `.alpha` / its rank, never by the metadata). Dojo folds the trained alpha/rank into up
+    and writes `.alpha` = rank, so alpha = dim here; a module without `.alpha` reads as alpha = rank too.
+    Ranks or alphas that differ between modules (DoRA / LoHa / LoKr exported at their numerical rank) are
+    "Dynamic", as kohya's resize_lora.py writes them. The trained alpha stays in dojo_training."""
+    ranks, alphas = {}, {}
+    for key, tensor in tensors.items():
+        for suffix in _DOWN_SUFFIXES:
+            if key.endswith(suffix):
+                base = key[: -len(suffix)]
+                ranks[base] = int(tensor.shape[0])
+                alpha = tensors.get(base + ".alpha")
+                alphas[base] = float(ranks[base]) if alpha is None else float(alpha.item())
+    if not ranks:
+        return {}
+    dims, alpha_values = set(ranks.values()), set(alphas.values())
+    return {"ss_network_dim": str(dims.pop()) if len(dims) == 1 else "Dynamic",
+            "ss_network_alpha": str(alpha_values.pop()) if len(alpha_values) == 1 else "Dynamic"}
+
+
 def modelspec_keys(family: FamilyLike, *, kind: str = KIND_LORA, title: str, resolution: tuple[int, int] | None,
                    timestamp: float, trigger_phrase: str | None = None, prediction: str | None = None,
                    description: str | None = None) -> dict[str, str]:

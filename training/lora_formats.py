@@ -35,8 +35,14 @@ def factors_from_state_dict(family: FamilyLike, state: dict[str, torch.Tensor], 
     layout = as_spec(family).lora_layout
     if layout.needs_diffusers_names and diffusers_names is None:
         raise ValueError("SD UNet LoRAs need the diffusers name of each module")
-    by_key = {key: (name, slot) for name in module_names
-              for slot, key in enumerate(layout.keys(name, diffusers_names))}
+    return factors_from_keys(state, {name: list(layout.keys(name, diffusers_names)) for name in module_names})
+
+
+def factors_from_keys(state: dict[str, torch.Tensor], keys_by_module: dict[str, list[str]]
+                      ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(down, up) per module from a file's tensors, given each module's (down, up, alpha) keys; an alpha
+    other than the rank is folded into up. Every tensor must belong to one of the modules."""
+    by_key = {key: (name, slot) for name, keys in keys_by_module.items() for slot, key in enumerate(keys)}
     unknown = sorted(k for k in state if k not in by_key)
     if unknown:
         raise ValueError(f"{len(unknown)} tensors of the LoRA belong to no layer of the chosen targets "

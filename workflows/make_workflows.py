@@ -400,7 +400,7 @@ def sdxl_pivotal(comfy) -> Workflow:
     w.note("Dojo Apply LoRA patches copies of the model and CLIP; Dojo LoRA Embedding takes the trained "
            "embedding out of the LoRA and Dojo Apply Embedding teaches it to the CLIP, so the prompt can say "
            "embedding:ohwx_dog. Once saved (Step 5), the same pair is LoraLoader + embedding:<file name> "
-           "in any ComfyUI graph; A1111 reads the embedding bundled in the LoRA file.", title="Preview")
+           "in any ComfyUI graph.", title="Preview")
     apply = w.add("DojoApplyLoRA", strength_model=1.0, strength_clip=1.0)
     w.link(ckpt, "MODEL", apply, "model")
     w.link(trainer, "lora", apply, "lora")
@@ -414,9 +414,11 @@ def sdxl_pivotal(comfy) -> Workflow:
                      "a photo of embedding:ohwx_dog dog running on a beach, golden hour",
                      "blurry, low quality, watermark", 1024, "dojo/ohwx_dog_pivotal")
     save_group(w, trainer, "dojo/ohwx_dog_pivotal", "ohwx", "sd_xl_base_1.0.safetensors")
-    save_emb = w.add("DojoSaveEmbedding", node_width=340, filename_prefix="ohwx_dog", save_dtype="fp32",
-                     base_model_name="sd_xl_base_1.0.safetensors")
-    w.link(emb, "embedding", save_emb, "embedding")
+    w.note("For a pivotal LoRA, Dojo Save LoRA also writes the embedding as its own file, "
+           "models/embeddings/dojo/ohwx_dog_pivotal_00001.safetensors: in ComfyUI use LoraLoader + "
+           "embedding:dojo/ohwx_dog_pivotal_00001 in the prompt (shown on the node). For A1111 / Forge turn on "
+           "bundle_embedding: the embedding then also travels inside the LoRA file, which ComfyUI's LoraLoader "
+           "reports as 'lora key not loaded' lines (harmless).", title="The embedding")
     return w
 
 

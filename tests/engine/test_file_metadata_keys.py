@@ -60,3 +60,18 @@ def test_bundled_embeddings_use_a1111_keys_and_split_back():
     _, sd_back = split_bundle(sd)
     assert list(sd_back["tok"]) == ["clip_l"]
     assert json.loads(fm.training_keys(Family.SD15, resolution=None, captions=["a, b"])["ss_tag_frequency"])
+
+
+def test_network_dim_and_alpha_describe_the_tensors_as_kohya_reads_them():
+    g = torch.Generator().manual_seed(0)
+    factors = {f"double_blocks.{i}.img_attn.qkv": (torch.randn(4, 8, generator=g), torch.randn(24, 4, generator=g))
+               for i in range(2)}
+    state = lora_state_dict(Family.FLUX, factors)
+    assert fm.network_shape_keys(state) == {"ss_network_dim": "4", "ss_network_alpha": "4.0"}
+    # no .alpha (the musubi / diffusers layout) reads as alpha = rank, as every loader applies it
+    no_alpha = {k: v for k, v in state.items() if not k.endswith(".alpha")}
+    assert fm.network_shape_keys(no_alpha) == {"ss_network_dim": "4", "ss_network_alpha": "4.0"}
+    # ranks that differ per module (an SVD export of DoRA / LoHa / LoKr): "Dynamic", as kohya's resize_lora.py
+    mixed = lora_state_dict(Family.FLUX, {**factors, "single_blocks.0.linear1": (torch.randn(2, 8), torch.randn(8, 2))})
+    assert fm.network_shape_keys(mixed) == {"ss_network_dim": "Dynamic", "ss_network_alpha": "Dynamic"}
+    assert fm.network_shape_keys({}) == {}

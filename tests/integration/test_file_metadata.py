@@ -58,7 +58,8 @@ def saved_lora(comfy, dojo, family: str, prefix: str, captions: list[str], trigg
     data = encoded(dojo, family)
     data = dojo.encoded.EncodedDataset(data.samples, captions, info={"source": "my_set", "trigger_word": trigger})
     build = FAMILIES[family][0]
-    lora = dojo.train_lora.DojoTrainLoRA.execute(build(), data, **dict(TRAIN_DEFAULTS, steps=1,
+    # alpha 8 at rank 4: the scale 2 is folded into up, the file's .alpha tensors say 4 (= rank)
+    lora = dojo.train_lora.DojoTrainLoRA.execute(build(), data, **dict(TRAIN_DEFAULTS, steps=1, alpha=8.0,
                                                                        run_name=f"meta_{family}")).result[0]
     name = dojo.lora_nodes.DojoSaveLoRA.execute(lora, prefix, "fp16").result[0]
     root = comfy.folder_paths.get_folder_paths("loras")[0]
@@ -83,7 +84,14 @@ def test_lora_files_carry_kohya_and_modelspec_keys(comfy, dojo, kohya, family):
     assert meta["ss_resolution"] == f"({latent_w * 8}, {latent_h * 8})"
     assert json.loads(meta["ss_tag_frequency"]) == {"my_set": {"ohwx dog": 4, "grass": 2, "sunny": 1, "beach": 1}}
     assert meta["ss_output_name"] == stem and meta["modelspec.title"] == stem
+    # kohya scales each module by its .alpha / rank; the metadata agrees with the tensors (kohya's
+    # train_network.py writes ss_network_dim as an int, ss_network_alpha as a float), the trained alpha
+    # is kept in dojo_training
+    alphas = {float(v) for k, v in tensors.items() if k.endswith(".alpha")}
+    ranks = {v.shape[0] for k, v in tensors.items() if k.endswith(".lora_down.weight")}
+    assert alphas == {4.0} and ranks == {4}
     assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "4.0"
+    assert json.loads(meta["dojo_training"])["alpha"] == 8.0
     assert meta["modelspec.trigger_phrase"] == "ohwx dog"
 
     # modelspec: what kohya's own build_metadata gives for this family, resolution and time

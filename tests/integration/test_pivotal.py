@@ -1,8 +1,9 @@
 """Pivotal tuning (issue 19): Train LoRA with a Dojo Pivotal Embedding trains the trigger word's new
 embedding with the LoRA (own learning rate, optionally for a fraction of the steps). On a stand-in (tiny
-SD1.5 checkpoint) the pair lowers the loss below the LoRA alone at the same steps; the LoRA file bundles
-the embedding in A1111's layout, the embedding file is a standard one, and using the pair in ComfyUI
-(Load LoRA + `embedding:<name>` in CLIPTextEncode) gives exactly the conditioning training used."""
+SD1.5 checkpoint) the pair lowers the loss below the LoRA alone at the same steps; Save LoRA writes the
+embedding as a standard embedding file beside the LoRA (and, only with bundle_embedding on, inside the LoRA
+file in A1111's layout); ComfyUI's LoraLoader loads the default file with no unloaded key, and the pair in
+ComfyUI (LoraLoader + `embedding:<file>` in CLIPTextEncode) gives exactly the conditioning training used."""
 from __future__ import annotations
 
 import importlib
@@ -47,13 +48,13 @@ def job(dojo, clip=None, steps=12, pivotal=None):
     text = None if pivotal is None else dojo.te_lora.TextEncoderJob(clip, 0.0, embedding=pivotal)
     return dojo.lora_training.LoraJob(
         adapter=dojo.adapters.AdapterConfig(rank=4, alpha=4), targets=dojo.protocol.TargetPreset.ATTENTION_MLP,
-        train=dojo.loop.TrainConfig(steps=steps, learning_rate=2e-3, precision=dojo.loop.Precision.FP32, seed=2,
+        train=dojo.loop.TrainConfig(steps=steps, learning_rate=1e-3, precision=dojo.loop.Precision.FP32, seed=0,
                                     weight_decay=0.0),
         batch_size=4, text_encoder=text)
 
 
 def pivotal_settings(dojo, fraction=1.0):
-    return dojo.te_lora.PivotalJob("pvt", num_vectors=2, init_word="cube", learning_rate=1e-2,
+    return dojo.te_lora.PivotalJob("pvt", num_vectors=2, init_word="cube", learning_rate=2e-2,
                                    train_fraction=fraction, trigger_word=TRIGGER)
 
 
@@ -96,41 +97,80 @@ def test_the_pair_lowers_the_loss_below_the_lora_alone_at_the_same_steps(comfy, 
     base = eval_loss(dojo, model, {}, plain, lats)
     lora_alone = eval_loss(dojo, model, alone.lora, plain, lats)
     lora_pair = eval_loss(dojo, model, pair.lora, with_token, lats)
-    assert lora_alone < base
-    assert lora_pair < lora_alone, (base, lora_alone, lora_pair)
-    # the same batches, timesteps and noise at every step (one seed): the pair's training loss is lower too
-    assert sum(pair.losses[6:]) < sum(alone.losses[6:])
+    # Measured over the tiny models' seeds (DOJO_TEST_MODEL_SEED=0..4) x training seeds 0 and 1, 12 steps
+    # (LoRA 1e-3, embedding 2e-2): the LoRA alone lowers the loss by 12.9-26.3%; the pair lowers it below
+    # the LoRA alone by another 1.8-8.4% (eval) and its training loss over steps 6-11 by 2.1-6.7%.
+    # (At LoRA lr 2e-3 / embedding 1e-2 the margin was 0.7-2.1% and the training one -0.2-1.2%: too thin.)
+    assert lora_alone < base * 0.95, (base, lora_alone)
+    assert lora_pair < lora_alone * (1 - 0.0075), (base, lora_alone, lora_pair)
+    # the same batches, timesteps and noise at every step: the pair's training loss is lower too
+    assert sum(pair.losses[6:]) < sum(alone.losses[6:]) * (1 - 0.01), (pair.losses, alone.losses)
 
 
-def test_saved_pair_in_comfy_gives_the_trained_conditioning_exactly_and_a1111_bundle_layout(comfy, dojo, sd15, runs):
+def comfy_lora_loader(comfy, dojo, model, clip, lora_name):
+    """ComfyUI's own LoraLoader node on the saved file, with its "lora key not loaded" lines."""
+    with dojo.comfy_compat.capture_lora_warnings() as unloaded:
+        model_on, clip_on = comfy.nodes.NODE_CLASS_MAPPINGS["LoraLoader"]().load_lora(model, clip, lora_name, 1.0, 1.0)
+    return model_on, clip_on, unloaded
+
+
+def test_saved_pair_loads_in_comfy_lora_loader_with_no_unloaded_key_and_gives_the_trained_conditioning(
+        comfy, dojo, sd15, runs):
     model, clip, _ = sd15
     _, _, pair = runs
     emb = pair.lora.embedding
-    lora_name = dojo.lora_nodes.DojoSaveLoRA.execute(pair.lora, "tests/pivotal", "fp16").result[0]
+    lora_name, prompt = dojo.lora_nodes.DojoSaveLoRA.execute(pair.lora, "tests/pivotal", "fp16").result
     lora_path = Path(comfy.folder_paths.get_folder_paths("loras")[0]) / lora_name
     saved = safetensors.torch.load_file(str(lora_path))
-    bundle = {k: v for k, v in saved.items() if k.startswith("bundle_emb.")}
-    # A1111 extensions-builtin/Lora/networks.py load_network reads bundle_emb.<name>.string_to_param.* (SD1)
-    assert list(bundle) == ["bundle_emb.pvt.string_to_param.*"]
-    assert same_bits(bundle["bundle_emb.pvt.string_to_param.*"], emb.vectors["clip_l"].float())
+    assert not any(k.startswith("bundle_emb.") for k in saved)  # the bundle only when asked for
+    with safetensors.safe_open(str(lora_path), "pt") as f:
+        assert f.metadata()["dojo_embedding_file"] == prompt
 
-    prompt = dojo.embedding_nodes.DojoSaveEmbedding.execute(
-        dojo.pivotal.DojoLoRAEmbedding.execute(pair.lora).result[0], "tests/pvt", "fp32").result[0]
-    emb_file = safetensors.torch.load_file(str(Path(comfy.folder_paths.get_folder_paths("embeddings")[0])
-                                               / (prompt.split(":", 1)[1] + ".safetensors")))
+    # the standalone embedding file, written by Save LoRA, in the standard layout
+    assert prompt.startswith("embedding:tests/pivotal_")
+    emb_path = Path(comfy.folder_paths.get_folder_paths("embeddings")[0]) / (prompt.split(":", 1)[1] + ".safetensors")
+    emb_file = safetensors.torch.load_file(str(emb_path))
     assert set(emb_file) == {"emb_params"} and same_bits(emb_file["emb_params"], emb.vectors["clip_l"])
 
-    # In ComfyUI: Load LoRA (its own LoraLoader path; the bundle keys are for A1111) + embedding:<file> in
-    # CLIPTextEncode gives what training encoded with the trained vectors.
-    loaded = dojo.lora_nodes.DojoLoadLoRA.execute(lora_name).result[0]
-    assert not any(k.startswith("bundle_emb.") for k in loaded) and loaded.embedding.name == "pvt"
-    assert same_bits(loaded.embedding.vectors["clip_l"], emb.vectors["clip_l"])
-    _, clip_on = dojo.lora_nodes.DojoApplyLoRA.execute(model, loaded, 1.0, clip, 1.0).result
+    # ComfyUI: LoraLoader (every key loads, the text-encoder side included) + embedding:<file> in CLIPTextEncode
+    # gives what training encoded with the trained vectors.
+    model_on, clip_on, unloaded = comfy_lora_loader(comfy, dojo, model, clip, lora_name)
+    assert unloaded == []
+    assert len(model_on.patches) == sum(k.endswith(".alpha") for k in saved)
     in_comfy = clip_text_encode(comfy, clip_on, f"a photo of a {prompt} cube")[0]
     tclip = dojo.comfy_compat.clip_with_embeddings(clip, {"pvt": emb.vectors})
     trained = clip_text_encode(comfy, tclip, "a photo of a embedding:pvt cube")[0]
     assert same_bits(in_comfy, trained)
     assert not same_bits(in_comfy, clip_text_encode(comfy, clip, "a photo of a cube cube")[0])
+
+    # Dojo Load LoRA of the unbundled file: LoRA Embedding names the embedding file to load instead
+    loaded = dojo.lora_nodes.DojoLoadLoRA.execute(lora_name).result[0]
+    assert loaded.embedding is None
+    with pytest.raises(ValueError, match=prompt.split(":", 1)[1]):
+        dojo.pivotal.DojoLoRAEmbedding.execute(loaded)
+
+
+def test_bundle_embedding_writes_a1111s_layout_that_dojo_reads_back(comfy, dojo, sd15, runs):
+    model, clip, _ = sd15
+    _, _, pair = runs
+    emb = pair.lora.embedding
+    lora_name, prompt = dojo.lora_nodes.DojoSaveLoRA.execute(pair.lora, "tests/pivotal_bundled", "fp16",
+                                                             bundle_embedding=True).result
+    saved = safetensors.torch.load_file(str(Path(comfy.folder_paths.get_folder_paths("loras")[0]) / lora_name))
+    bundle = {k: v for k, v in saved.items() if k.startswith("bundle_emb.")}
+    # A1111 extensions-builtin/Lora/networks.py load_network: bundle_emb.<name>.string_to_param.* (SD1 layout),
+    # [num_vectors, 768], read as the embedding called <name>
+    assert list(bundle) == ["bundle_emb.pvt.string_to_param.*"]
+    assert tuple(bundle["bundle_emb.pvt.string_to_param.*"].shape) == (2, 768)
+    assert same_bits(bundle["bundle_emb.pvt.string_to_param.*"], emb.vectors["clip_l"].float())
+    assert prompt.startswith("embedding:tests/pivotal_bundled_")  # the standalone file is written as well
+    # ComfyUI's LoraLoader ignores exactly the bundle keys (the tooltip's warning), applying the rest
+    _, _, unloaded = comfy_lora_loader(comfy, dojo, model, clip, lora_name)
+    assert [line.split(": ", 1)[-1] for line in unloaded] == list(bundle)
+    loaded = dojo.lora_nodes.DojoLoadLoRA.execute(lora_name).result[0]
+    assert not any(k.startswith("bundle_emb.") for k in loaded) and loaded.embedding.name == "pvt"
+    assert same_bits(dojo.pivotal.DojoLoRAEmbedding.execute(loaded).result[0].vectors["clip_l"],
+                     emb.vectors["clip_l"])
 
 
 def test_the_embedding_stops_after_its_fraction_of_the_steps(comfy, dojo, sd15):

@@ -5,6 +5,7 @@ key, load in diffusers' load_lora_weights into the text encoder with the same we
 CLIP's output is bit-identical afterwards."""
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import sys
 import types
@@ -22,8 +23,8 @@ CAPTIONS = ["a red cube on a table", "a photo of a red cube", "a red cube in the
 @pytest.fixture(scope="module")
 def dojo(comfy):
     pack = sys.modules[comfy.pack_module_name()].__name__
-    names = ("nodes.lora_training", "nodes.te_lora", "nodes.comfy_compat", "nodes.train_lora", "training.adapters",
-             "training.batches", "training.encoded", "training.loop", "training.protocol")
+    names = ("nodes.lora_training", "nodes.te_lora", "nodes.comfy_compat", "nodes.train_lora", "nodes.lora_nodes",
+             "training.adapters", "training.batches", "training.encoded", "training.loop", "training.protocol")
     mods = {name: importlib.import_module(f"{pack}.{name}") for name in names}
     return types.SimpleNamespace(**{k.split(".")[-1]: v for k, v in mods.items()})
 
@@ -73,8 +74,7 @@ def test_comfy_applies_the_te_keys_through_strength_clip(comfy, dojo, sd15, trai
     assert (on - before[0]).abs().max() > 1e-3
     assert same_bits(off, before[0])
     # the node refuses nothing: Dojo Apply LoRA with the CLIP
-    from importlib import import_module
-    lora_nodes = import_module(dojo.lora_training.__name__.replace("lora_training", "lora_nodes"))
+    lora_nodes = dojo.lora_nodes
     lora_nodes.DojoApplyLoRA.execute(model, result.lora, 1.0, clip, 1.0)
     applied, no_clip = lora_nodes.DojoApplyLoRA.execute(model, result.lora, 1.0).result  # model only: te keys left out
     assert no_clip is None and len(applied.patches) == sum(k.startswith("lora_unet_") and k.endswith(".alpha")
@@ -114,3 +114,21 @@ def test_diffusers_loads_the_te_keys_into_the_text_encoder_with_the_same_change(
         torch.testing.assert_close(module.get_delta_weight("dojo").float(), ours.float(), rtol=1e-4, atol=1e-6)
         compared += 1
     assert compared == 12 * 6
+
+
+def test_continue_from_a_te_lora_loads_both_halves(comfy, dojo, sd15, trained):
+    model, clip, _ = sd15
+    result, _ = trained
+    first = result.lora
+    # Zero steps of change: continuing with learning rates ~0 gives back both halves of the LoRA.
+    same = dojo.lora_training.train_lora(model, dataset(dojo), dataclasses.replace(
+        te_job(dojo, clip, steps=1, te_lr=1e-12), init_lora=first,
+        train=dojo.loop.TrainConfig(steps=1, learning_rate=1e-12, precision=dojo.loop.Precision.FP32, seed=1)))
+    assert sorted(same.lora) == sorted(first)
+    assert all(torch.allclose(same.lora[k], first[k], atol=1e-6) for k in first)
+    # a fresh run's text-encoder LoRA starts at up = 0, far from these: they are the continued weights
+    assert all(first[k].abs().max() > 1e-4 for k in first if k.startswith("lora_te_") and k.endswith("up.weight"))
+    no_te = dataclasses.replace(te_job(dojo, clip, steps=1), init_lora=first, text_encoder=None)
+    with pytest.raises(ValueError, match="continue_from holds a text-encoder LoRA .* connect the checkpoint's "
+                                         "CLIP .* text_encoder_lr > 0"):
+        dojo.lora_training.train_lora(model, dataset(dojo), no_te)

@@ -308,9 +308,11 @@ def test_sdxl_pivotal_workflow_runs_and_saves_the_pair(comfy, stand_ins):
     saved = check_saved_lora(comfy, out, "ohwx", "sd_xl_base_1.0.safetensors")
     with safetensors.safe_open(str(comfy.base / "models" / "loras" / saved), "pt") as f:
         bundle = sorted(k for k in f.keys() if k.startswith("bundle_emb."))
-        assert f.metadata()["ss_base_model_version"] == "sdxl_base_v1-0"
-    assert bundle == ["bundle_emb.ohwx_dog.clip_g", "bundle_emb.ohwx_dog.clip_l"]
-    emb = out["DojoSaveEmbedding"][0]["text"][0]
+        meta = f.metadata()
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert bundle == []  # bundle_embedding is off: the file loads in LoraLoader with no unloaded key
+    emb = out["DojoSaveLoRA"][0]["text"][1]  # Save LoRA wrote the embedding beside it
+    assert emb.startswith("embedding:dojo/ohwx_dog_pivotal_") and meta["dojo_embedding_file"] == emb
     path = comfy.base / "models" / "embeddings" / (emb.split(":", 1)[1] + ".safetensors")
     with safetensors.safe_open(str(path), "pt") as f:
         assert sorted(f.keys()) == ["clip_g", "clip_l"] and tuple(f.get_tensor("clip_g").shape) == (2, 1280)
