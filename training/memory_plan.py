@@ -23,10 +23,16 @@ parameter model built on fake tensors and a tiny one on the CPU.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+import logging
 import math
 import os
 import resource
+import tempfile
+import threading
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -36,6 +42,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .optimizers import OptimizerKind
+
+log = logging.getLogger("comfyui-dojo")
 
 GB = 1e9
 
@@ -138,35 +146,146 @@ def fake_tensors():
         yield mode
 
 
-class FusedAttentionOnMeta(TorchFunctionMode):
-    """On the meta device (where real-size models are planned for a GPU), run scaled_dot_product_attention
-    as the fused kernels a GPU runs (flash; memory-efficient where there is a mask), whose memory is
-    linear in the tokens: on meta tensors torch would pick the math kernel, which keeps the full
-    attention matrix, and plan gigabytes a GPU never allocates."""
+_SDPA = torch.nn.functional.scaled_dot_product_attention
+
+
+def _fused_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """scaled_dot_product_attention as a GPU runs it (flash; memory-efficient where there is a mask), on
+    meta tensors; anything else goes to torch's own function."""
+    if q.device.type != "meta":
+        return _SDPA(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                     enable_gqa=enable_gqa)
+    if enable_gqa and k.shape[-3] != q.shape[-3]:
+        k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
+        v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
+    if attn_mask is None:
+        return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal, False,
+                                                                  scale=scale)[0]
+    bias = attn_mask if attn_mask.dtype != torch.bool else torch.zeros(attn_mask.shape, dtype=q.dtype,
+                                                                       device=q.device)
+    return torch.ops.aten._scaled_dot_product_efficient_attention(
+        q, k, v, bias.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2]), True, dropout_p, is_causal,
+        scale=scale)[0]
+
+
+class _FusedAttentionMode(TorchFunctionMode):
+    """Sends calls of the original function (callers that imported it by name) to `_fused_attention`."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
-        if func is not torch.nn.functional.scaled_dot_product_attention or args[0].device.type != "meta":
-            return func(*args, **kwargs)
-        q, k, v = args[:3]
-        mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
-        causal = kwargs.get("is_causal", False)
-        if mask is None:
-            return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False,
-                                                                      scale=kwargs.get("scale"))[0]
-        bias = mask if mask.dtype != torch.bool else torch.zeros(mask.shape, dtype=q.dtype, device=q.device)
-        return torch.ops.aten._scaled_dot_product_efficient_attention(
-            q, k, v, bias.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2]), True, 0.0, causal,
-            scale=kwargs.get("scale"))[0]
+        if func is _SDPA:
+            return _fused_attention(*args, **(kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def fused_attention_on_meta():
+    """On the meta device (where real-size models are planned for a GPU), run scaled_dot_product_attention
+    as the fused kernels a GPU runs, whose memory is linear in the tokens: on meta tensors torch would
+    pick the math kernel, which keeps the full attention matrix, and plan gigabytes a GPU never
+    allocates. A torch-function mode alone is not enough: autograd runs a checkpointed block's
+    recomputation (inside backward) with torch-function modes off, so `torch.nn.functional`'s attribute
+    is also replaced while measuring (callers such as ComfyUI look it up at call time); non-meta calls go
+    to torch's own function unchanged."""
+    functional = torch.nn.functional
+    functional.scaled_dot_product_attention = _fused_attention
+    try:
+        with _FusedAttentionMode():
+            yield
+    finally:
+        functional.scaled_dot_product_attention = _SDPA
 
 
 def measure_step(step: Callable[[], None], tokens: int) -> StepMeasure:
     """Run `step` (one forward + backward, building its inputs inside) on fake tensors and count what
     it allocates. The trainable parameters' `.grad` it creates are reset to None afterwards."""
     counter = LiveBytes()
-    with fake_tensors(), counter, FusedAttentionOnMeta():
+    with fake_tensors(), counter, fused_attention_on_meta():
         step()
     return StepMeasure(counter.peak, counter.largest, tokens, counter.heap_at_peak)
+
+
+# --- remembering measurements --------------------------------------------------------------------
+
+# Bump when what a fake step counts changes, so measurements saved on disk by an older pack are not reused.
+MEASURE_FORMAT = 1
+
+
+def module_signature(module: torch.nn.Module) -> str:
+    """A hash of a network's structure as the step sees it: every parameter's and buffer's name, shape,
+    dtype, device type and whether it trains (the adapter's layers included), and the module types."""
+    h = hashlib.sha256()
+    for name, sub in module.named_modules():
+        h.update(f"m {name} {type(sub).__qualname__}\n".encode())
+    for kind, tensors in (("p", module.named_parameters()), ("b", module.named_buffers())):
+        for name, t in tensors:
+            h.update(f"{kind} {name} {tuple(t.shape)} {t.dtype} {t.device.type} {t.requires_grad}\n".encode())
+    return h.hexdigest()
+
+
+def measure_key(parts: dict) -> str:
+    """The key of one measurement: a hash of everything the fake step's peak depends on (`parts`: the
+    model's signature, the batch's tensor shapes, dtypes, settings and code versions), JSON-encoded."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:40]
+
+
+class MeasureCache:
+    """Step measurements already made, by `measure_key`: in this process (the last `size` of them) and,
+    with `folder`, as small JSON files there, so a second start of the same job, even after a restart,
+    skips the fake step (1-4 minutes at real size on a CPU). A file that cannot be read or does not hold
+    a measurement is ignored and measured again; writes are atomic and an existing file is kept."""
+
+    def __init__(self, folder: str | None = None, size: int = 64):
+        self.folder, self.size = folder, size
+        self._memory: OrderedDict[str, StepMeasure] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _path(self, key: str) -> str | None:
+        return None if self.folder is None else os.path.join(self.folder, f"{key}.json")
+
+    def get(self, key: str) -> StepMeasure | None:
+        with self._lock:
+            if key in self._memory:
+                self._memory.move_to_end(key)
+                return self._memory[key]
+        path = self._path(key)
+        if path is None or not os.path.isfile(path):
+            return None
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+            m = StepMeasure(**{k: int(data[k]) for k in ("peak_bytes", "largest_tensor_bytes", "tokens",
+                                                             "heap_bytes_at_peak")})
+            if data.get("format") != MEASURE_FORMAT or min(m.peak_bytes, m.largest_tensor_bytes) < 0:
+                return None
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            return None
+        self._remember(key, m)
+        return m
+
+    def put(self, key: str, m: StepMeasure) -> None:
+        self._remember(key, m)
+        path = self._path(key)
+        if path is None or os.path.exists(path):
+            return
+        try:
+            os.makedirs(self.folder, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=self.folder)
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    json.dump({"format": MEASURE_FORMAT, **vars(m)}, f)
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        except OSError as exc:  # a cache: failing to keep it costs a measurement next time, nothing else
+            log.debug("Dojo: could not save the memory measurement in %s: %s", self.folder, exc)
+
+    def _remember(self, key: str, m: StepMeasure) -> None:
+        with self._lock:
+            self._memory[key] = m
+            self._memory.move_to_end(key)
+            while len(self._memory) > self.size:
+                self._memory.popitem(last=False)
 
 
 # --- the arithmetic ------------------------------------------------------------------------------

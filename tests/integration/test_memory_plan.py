@@ -123,3 +123,49 @@ def test_under_a_real_memory_limit_auto_makes_the_job_fit_and_unplanned_fails(co
     assert "gradient_checkpointing on" in explicit["message"] and "free" in explicit["message"]
     # Without the plan, the same job really runs out of memory in step 1.
     assert unplanned.get("error") == "TrainingOutOfMemory" and unplanned["steps_before"] == 1, unplanned
+
+
+def fake_steps(monkeypatch):
+    """The fake-tensor modes entered (each once, though torch re-enters them op by op): each measured
+    step runs in one of its own (torch's class)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    entered = []
+    original = FakeTensorMode.__enter__
+
+    def enter(self):
+        if not any(m is self for m in entered):
+            entered.append(self)
+        return original(self)
+    monkeypatch.setattr(FakeTensorMode, "__enter__", enter)
+    return entered
+
+
+def test_a_second_start_of_the_same_job_reuses_the_measurement(comfy, dojo, monkeypatch, caplog, tmp_path):
+    # A ComfyUI that has not planned anything yet: a new user directory, nothing measured in this process.
+    monkeypatch.setattr(comfy.folder_paths, "user_directory", str(tmp_path))
+    monkeypatch.setattr(dojo.memory_planning, "_CACHES", {})
+    entered = fake_steps(monkeypatch)
+    patcher = FAMILIES["flux"][0]()
+    data = encoded(dojo, "flux")
+    train = lambda **kw: dojo.lora_training.train_lora(  # noqa: E731
+        patcher, data, job(dojo, steps=1, memory_plan=dojo.memory_planning.PlanRequest(), **kw))
+    first = train().memory_plan
+    measured = len(entered)
+    assert measured >= 1
+    with caplog.at_level(logging.INFO, logger="comfyui-dojo"):
+        second = train().memory_plan
+    assert len(entered) == measured  # no fake step ran
+    assert second.estimate == first.estimate and second.chosen == first.chosen
+    assert any(m.startswith("Dojo memory plan: reusing the measured step") for m in plan_logs(caplog))
+    # On disk under ComfyUI's user directory: a fresh process's cache (a restart) reads it back.
+    folder = tmp_path / "dojo" / "memory-plan"
+    assert len(list(folder.glob("*.json"))) == measured
+    monkeypatch.setattr(dojo.memory_planning, "_CACHES", {})
+    assert train().memory_plan.estimate == first.estimate and len(entered) == measured
+    # A different job (another batch shape, other trainable parameters) is measured again.
+    train(gradient_checkpointing=True)
+    assert len(entered) > measured
+    now = len(entered)
+    dojo.lora_training.train_lora(patcher, encoded(dojo, "flux", n=1), job(
+        dojo, steps=1, memory_plan=dojo.memory_planning.PlanRequest()))
+    assert len(entered) > now
