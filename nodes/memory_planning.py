@@ -17,7 +17,7 @@ import torch
 
 from .. import __version__
 from ..training.memory_plan import (MEASURE_FORMAT, MeasureCache, MemoryPlanRefused, ModelMemory, Plan, StepJob,
-                                    biggest_sample, estimate, free_bytes, gb, measure_key, module_signature, plan,
+                                    biggest_sample, estimate, free_bytes, gb, heap_limit, measure_key, module_signature, plan,
                                     probe_training_step, tensor_bytes)
 from ..training.optimizers import OptimizerKind
 from . import comfy_compat as cc
@@ -100,7 +100,7 @@ def _measure_parts(model, patcher, samples, batch_size: int, config, params, dev
             "trainable": [[list(p.shape), str(p.dtype)] for p in params],
             "latent": _shapes(sample.latent), "cond": _shapes(vars(sample.cond)), "batch": batch_size,
             "precision": str(config.precision), "min_snr": config.min_snr_gamma is not None,
-            "device": torch.device(device).type, "options": _shapes(patcher.model_options)}
+            "device": torch.device(device).type, "heap_limit": heap_limit(), "options": _shapes(patcher.model_options)}
 
 
 def step_job(model, patcher, samples, batch_size: int, config, params, device, text_encoders=()) -> StepJob:

@@ -57,13 +57,31 @@ ADAPTER_MASTER_BYTES = 4    # adapter weights are fp32 master weights
 # fragmentation on CUDA; on the CPU what other threads and the rest of ComfyUI allocate meanwhile).
 MARGIN_FRACTION = 0.08
 RUNTIME_BYTES = {"cpu": 64 * 2**20, "cuda": 128 * 2**20}
-# On the CPU, tensors below glibc's largest mmap threshold (32 MiB on 64-bit) come from malloc's heap,
-# which the first step at a new shape fragments: its RSS peaks above the live bytes by about this
-# fraction of the heap-sized tensors alive at the peak (bench/memory_accuracy.py; later steps reuse the
-# holes). Larger tensors are mmapped and returned to the system when freed. CUDA's caching allocator
-# rounds and splits blocks instead; the margin covers it.
+# On the CPU, tensors below glibc's mmap threshold come from malloc's heap, which the first step at a
+# new shape fragments: its RSS peaks above the live bytes by about this fraction of the heap-sized
+# tensors alive at the peak (bench/memory_accuracy.py; later steps reuse the holes). Larger tensors are
+# mmapped and returned to the system when freed. By default glibc's threshold is dynamic: each freed
+# mmapped chunk raises it, up to 32 MiB on 64-bit, so after the first large tensor is freed everything
+# below 32 MiB is heap; a process that fixes the threshold (MALLOC_MMAP_THRESHOLD_, or the
+# glibc.malloc.mmap_threshold tunable) turns that off (`heap_limit`). CUDA's caching allocator rounds and
+# splits blocks instead; the margin covers it.
 HEAP_LIMIT = 32 * 2**20
 CPU_HEAP_GROWTH = 0.3
+
+
+def heap_limit(environ=os.environ) -> int:
+    """The size below which this process's tensors come from malloc's heap (see CPU_HEAP_GROWTH)."""
+    value = environ.get("MALLOC_MMAP_THRESHOLD_")
+    for tunable in environ.get("GLIBC_TUNABLES", "").split(":"):
+        name, _, setting = tunable.partition("=")
+        if name == "glibc.malloc.mmap_threshold":
+            value = setting
+    try:
+        return min(int(value), HEAP_LIMIT) if value is not None else HEAP_LIMIT
+    except ValueError:
+        return HEAP_LIMIT
+
+
 MARGIN_BYTES = {"cuda": 512 * 2**20, "cpu": 160 * 2**20}
 
 
@@ -82,8 +100,9 @@ class LiveBytes(TorchDispatchMode):
         self.live = 0
         self.peak = 0
         self.largest = 0
-        self.heap_live = 0       # bytes in storages below HEAP_LIMIT (see CPU_HEAP_GROWTH)
+        self.heap_live = 0       # bytes in storages below heap_limit() (see CPU_HEAP_GROWTH)
         self.heap_at_peak = 0
+        self.heap_limit = heap_limit()
         self._sizes: dict[int, int] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -100,7 +119,7 @@ class LiveBytes(TorchDispatchMode):
             size = storage.nbytes()
             self._sizes[key] = size
             self.live += size
-            if size < HEAP_LIMIT:
+            if size < self.heap_limit:
                 self.heap_live += size
             self.largest = max(self.largest, size)
             if self.live > self.peak:
@@ -111,7 +130,7 @@ class LiveBytes(TorchDispatchMode):
     def _free(self, key: int) -> None:
         size = self._sizes.pop(key, 0)
         self.live -= size
-        if size < HEAP_LIMIT:
+        if size < self.heap_limit:
             self.heap_live -= size
 
 

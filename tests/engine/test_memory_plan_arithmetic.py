@@ -231,3 +231,10 @@ def test_measurements_are_kept_in_process_and_on_disk(tmp_path):
     for i in range(3):
         small.put(str(i), m)
     assert small.get("0") is None and small.get("2") == m
+
+
+def test_the_heap_limit_follows_glibcs_mmap_threshold_setting():
+    assert mp.heap_limit({}) == 32 * 2**20  # glibc's dynamic threshold grows to 32 MiB
+    assert mp.heap_limit({"MALLOC_MMAP_THRESHOLD_": "131072"}) == 131072
+    assert mp.heap_limit({"GLIBC_TUNABLES": "glibc.malloc.arena_max=1:glibc.malloc.mmap_threshold=65536"}) == 65536
+    assert mp.heap_limit({"MALLOC_MMAP_THRESHOLD_": "lots"}) == 32 * 2**20
