@@ -18,7 +18,7 @@ import torch
 from .. import __version__
 from ..training.memory_plan import (MEASURE_FORMAT, MeasureCache, MemoryPlanRefused, ModelMemory, Plan, StepJob,
                                     biggest_sample, estimate, free_bytes, gb, heap_limit, measure_key, module_signature, plan,
-                                    probe_training_step, tensor_bytes)
+                                    probe_sampling_step, probe_training_step, tensor_bytes)
 from ..training.optimizers import OptimizerKind
 from . import comfy_compat as cc
 from .grad_protection import diffusion_model_of, needs_protection, training_region, transformer_blocks
@@ -103,29 +103,58 @@ def _measure_parts(model, patcher, samples, batch_size: int, config, params, dev
             "device": torch.device(device).type, "heap_limit": heap_limit(), "options": _shapes(patcher.model_options)}
 
 
-def step_job(model, patcher, samples, batch_size: int, config, params, device, text_encoders=()) -> StepJob:
+def preview_shape(request, patcher, family) -> tuple[tuple[int, ...], int] | None:
+    """The latent shape [C, (T,) H, W] and batch of a training preview's sampling forward (2 where
+    classifier-free guidance batches the negative prompt), or None without previews."""
+    if request is None or request.settings.every <= 0:
+        return None
+    s = request.settings
+    latent = cc.empty_latent(patcher, s.width, s.height, s.frames)
+    return tuple(latent.shape[1:]), 1 if s.cfg_for(family) == 1.0 else 2
+
+
+def _cached(parts: dict, what: str, run):
+    cache, key = measure_cache(), measure_key(parts)
+    found = cache.get(key)
+    if found is not None:
+        log.info("Dojo memory plan: reusing the measured %s", what)
+        return found
+    t0 = time.perf_counter()
+    m = run()
+    log.info("Dojo memory plan: measured %s in %.1f s", what, time.perf_counter() - t0)
+    cache.put(key, m)
+    return m
+
+
+def step_job(model, patcher, samples, batch_size: int, config, params, device, text_encoders=(),
+             preview=None) -> StepJob:
     """The planner's view of a job: `model` is the DenoisingModel the loop trains (the LoRA view, the
     textual-inversion model, or the LoRA view conditioned through a training text encoder), `params` all
     trainable parameters, `text_encoders` the text-encoder networks the step runs (their weights on the
-    compute device count as resident). Each measurement is looked up in `measure_cache()` first."""
+    compute device count as resident), `preview` (the model previews sample, `preview_shape`'s latent
+    shape and batch, and samples with encoded conditioning) adds a preview's sampling forward. Each
+    measurement is looked up in `measure_cache()` first. (Textual inversion passes no preview: its
+    conditioning is encoded from captions each step, and its preview prompt only at sampling time.)"""
     net = diffusion_model_of(patcher)
     device = torch.device(device)
     params = list(params)
     parts = _measure_parts(model, patcher, samples, batch_size, config, params, device, text_encoders)
 
     def measure(checkpointing: bool):
-        cache, key = measure_cache(), measure_key({**parts, "checkpointing": checkpointing})
-        found = cache.get(key)
-        if found is not None:
-            log.info("Dojo memory plan: reusing the measured step (checkpointing %s)", "on" if checkpointing else "off")
-            return found
-        t0 = time.perf_counter()
-        m = probe_training_step(model, samples, batch_size, config, params,
-                                lambda gc: training_region(patcher, gc, 0, device), device, checkpointing)
-        log.info("Dojo memory plan: measured a step (checkpointing %s) in %.1f s", "on" if checkpointing else "off",
-                 time.perf_counter() - t0)
-        cache.put(key, m)
-        return m
+        return _cached({**parts, "checkpointing": checkpointing}, f"step (checkpointing {'on' if checkpointing else 'off'})",
+                       lambda: probe_training_step(model, samples, batch_size, config, params,
+                                                   lambda gc: training_region(patcher, gc, 0, device), device,
+                                                   checkpointing))
+
+    measure_preview = None
+    if preview is not None:
+        sampler, shape, width, encoded = preview
+        sample = biggest_sample(encoded)
+
+        def measure_preview():
+            with training_region(patcher, False, 0, device):  # previews sample inside the training region
+                return _cached({**parts, "preview": [list(shape), width, _shapes(vars(sample.cond))]},
+                               "preview sampling", lambda: probe_sampling_step(sampler, sample, shape, width, device))
 
     memory = model_memory(patcher, device)
     te_bytes = sum(resident_on(m, device) for m in text_encoders)
@@ -133,7 +162,7 @@ def step_job(model, patcher, samples, batch_size: int, config, params, device, t
         memory = ModelMemory(memory.other_bytes + te_bytes, memory.block_bytes, memory.swap_saves_memory)
     return StepJob(memory, sum(p.numel() for p in params), OptimizerKind(config.optimizer),
                    measure, device_type=device.type, batch_size=batch_size,
-                   weight_dtype_bytes=weight_dtype_bytes(net))
+                   weight_dtype_bytes=weight_dtype_bytes(net), measure_preview=measure_preview)
 
 
 def available_memory(patcher, device, text_encoders=()) -> tuple[int, str]:
@@ -186,4 +215,4 @@ def table(job: StepJob, available: int, device_type: str) -> list[str]:
 
 
 __all__ = ["MEMORY_PLAN_OPTIONS", "MEMORY_PLAN_TOOLTIP", "PlanRequest", "settle", "step_job", "table",
-           "available_memory", "measure_cache", "MemoryPlanRefused", "AUTO", "OFF"]
+           "available_memory", "measure_cache", "preview_shape", "MemoryPlanRefused", "AUTO", "OFF"]

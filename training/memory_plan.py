@@ -345,16 +345,22 @@ class Estimate:
     blocks_to_swap: int
     weights: int
     adapter: int          # adapter master weights + optimizer state
-    activations: int      # measured step peak: saved activations, gradients, transients
+    activations: int      # measured step peak: saved activations, gradients, transients (or a preview's)
     workspace: int
+    preview: int = 0      # measured peak of a preview's sampling forward (0: no previews)
 
     @property
     def total(self) -> int:
         return self.weights + self.adapter + self.activations + self.workspace
 
+    @property
+    def preview_dominates(self) -> bool:
+        return self.preview > 0 and self.preview >= self.activations
+
     def parts(self) -> str:
+        what = "activations of a preview's sampling" if self.preview_dominates else "activations + gradients"
         return (f"weights {gb(self.weights)}, adapter + optimizer {gb(self.adapter)}, "
-                f"activations + gradients {gb(self.activations)}, workspace {gb(self.workspace)}")
+                f"{what} {gb(self.activations)}, workspace {gb(self.workspace)}")
 
 
 @dataclass(frozen=True)
@@ -368,6 +374,9 @@ class StepJob:
     device_type: str = "cpu"
     batch_size: int = 1
     weight_dtype_bytes: int = 2
+    # A preview's sampling forward between steps (training.previews), measured the same way; None: no
+    # previews. It runs while the adapter and optimizer state stay, but the step's activations are freed.
+    measure_preview: Callable[[], StepMeasure] | None = None
     _cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     def measured(self, checkpointing: bool) -> StepMeasure:
@@ -375,15 +384,24 @@ class StepJob:
             self._cache[checkpointing] = self.measure(checkpointing)
         return self._cache[checkpointing]
 
+    def measured_preview(self) -> StepMeasure | None:
+        if self.measure_preview is None:
+            return None
+        if "preview" not in self._cache:
+            self._cache["preview"] = self.measure_preview()
+        return self._cache["preview"]
+
 
 def estimate(job: StepJob, checkpointing: bool, blocks_to_swap: int = 0) -> Estimate:
     m = job.measured(checkpointing)
     adapter = job.adapter_params * ADAPTER_MASTER_BYTES + optimizer_bytes(job.adapter_params, job.optimizer)
     runtime = RUNTIME_BYTES.get(job.device_type, RUNTIME_BYTES["cuda"])
+    preview = job.measured_preview()
+    peak = m if preview is None or preview.peak_bytes <= m.peak_bytes else preview
     if job.device_type == "cpu":
-        runtime += int(CPU_HEAP_GROWTH * m.heap_bytes_at_peak)
+        runtime += int(CPU_HEAP_GROWTH * peak.heap_bytes_at_peak)
     return Estimate(checkpointing, blocks_to_swap, job.model.resident_bytes(blocks_to_swap, checkpointing),
-                    adapter, m.peak_bytes, runtime)
+                    adapter, peak.peak_bytes, runtime, preview.peak_bytes if preview is not None else 0)
 
 
 def safety_margin(available: int, device_type: str) -> int:
@@ -470,6 +488,8 @@ def suggest(job: StepJob, best: Estimate, budget: int, device_type: str) -> list
             + optimizer_bytes(job.adapter_params, OptimizerKind.ADAMW_8BIT)
         if eight_bit <= budget:
             out.append("optimizer adamw8bit")
+    if best.preview_dominates:
+        out.append("smaller previews (sample_width / sample_height / sample_frames), or sample_every 0")
     if not best.checkpointing:
         out.append("gradient_checkpointing on")
     if not out:
@@ -583,6 +603,25 @@ def with_resident(free: int, resident: int) -> int:
 def biggest_sample(samples):
     """The sample whose step costs most: the most latent elements, then the longest text."""
     return max(samples, key=lambda s: (s.latent.numel(), s.cond.context.shape[1]))
+
+
+def probe_sampling_step(model, sample, latent_shape, batch_size: int, device) -> StepMeasure:
+    """Measure one denoising forward of a preview (no autograd, so nothing is saved and checkpointing
+    passes straight through) at the preview's latent shape [C, (T,) H, W], `batch_size` wide (2 when
+    classifier-free guidance batches the negative prompt with the positive), with `sample`'s
+    conditioning, on fake tensors."""
+    from .batches import Sample, collate
+    preview = Sample(torch.zeros(latent_shape), sample.cond)
+    batch = collate([preview] * batch_size, list(range(batch_size)))
+    device = torch.device(device)
+    tokens = batch_size * (preview.latent[0].numel() + sample.cond.context.shape[1])
+
+    def step():
+        with torch.no_grad():
+            model.predict(batch.latents.to(device, torch.float32), torch.full((batch_size,), 0.5, device=device),
+                          batch.cond.to(device))
+
+    return measure_step(step, tokens)
 
 
 def probe_training_step(model, samples, batch_size: int, config, params, region, device,

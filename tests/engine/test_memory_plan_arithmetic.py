@@ -238,3 +238,32 @@ def test_the_heap_limit_follows_glibcs_mmap_threshold_setting():
     assert mp.heap_limit({"MALLOC_MMAP_THRESHOLD_": "131072"}) == 131072
     assert mp.heap_limit({"GLIBC_TUNABLES": "glibc.malloc.arena_max=1:glibc.malloc.mmap_threshold=65536"}) == 65536
     assert mp.heap_limit({"MALLOC_MMAP_THRESHOLD_": "lots"}) == 32 * 2**20
+
+
+def test_the_fake_preview_forward_counts_what_a_real_sampling_forward_allocates():
+    model, adapter = adapted_unet()
+    sample = tiny_samples(n=1, size=16)[0]
+    shape = (sample.latent.shape[0], 32, 32)  # a preview bigger than the training bucket
+    fake = mp.probe_sampling_step(model, sample, shape, 2, "cpu")
+    counter = mp.LiveBytes()
+    cond = type(sample.cond)(torch.cat([sample.cond.context] * 2), None, {})
+    with counter, torch.no_grad():
+        model.predict(torch.zeros(2, *shape), torch.full((2,), 0.5), cond)
+    assert counter.peak > 100_000
+    assert abs(fake.peak_bytes - counter.peak) <= 0.06 * counter.peak
+    assert fake.peak_bytes < mp.probe_training_step(model, [type(sample)(torch.zeros(shape), sample.cond)], 2,
+                                                    TrainConfig(), adapter.parameters(),
+                                                    lambda gc: contextlib.nullcontext(), "cpu", False).peak_bytes
+    adapter.detach()
+
+
+def test_a_preview_that_needs_more_than_the_step_sets_the_activations():
+    job, _ = fixed_job(act_off=1000, act_on=400)
+    with_preview = mp.StepJob(job.model, job.adapter_params, job.optimizer, job.measure, device_type="test",
+                              measure_preview=lambda: mp.StepMeasure(700, 0, 1))
+    off, on = mp.estimate(with_preview, False), mp.estimate(with_preview, True)
+    assert (off.activations, off.preview, off.preview_dominates) == (1000, 700, False)
+    assert (on.activations, on.preview, on.preview_dominates) == (700, 700, True)
+    assert "preview" in on.parts()
+    p = mp.plan(with_preview, on.total - 1, "test", checkpointing=True, blocks_to_swap=0)
+    assert not p.fits and any("smaller previews" in s for s in p.suggestions)

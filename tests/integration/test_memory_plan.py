@@ -23,7 +23,7 @@ pytestmark = pytest.mark.integration
 def dojo(comfy):
     pack = sys.modules[comfy.pack_module_name()].__name__
     mods = {name: importlib.import_module(f"{pack}.{name}") for name in (
-        "nodes.lora_training", "nodes.memory_planning", "nodes.memory_nodes", "nodes.comfy_compat",
+        "nodes.lora_training", "nodes.memory_planning", "nodes.memory_nodes", "nodes.comfy_compat", "nodes.previews",
         "nodes.comfy_model", "nodes.ti_training", "training.protocol", "training.batches", "training.encoded",
         "training.adapters", "training.loop", "training.memory_plan", "training.textual_inversion")}
     return type("Dojo", (), {k.split(".")[-1]: v for k, v in mods.items()})
@@ -169,3 +169,24 @@ def test_a_second_start_of_the_same_job_reuses_the_measurement(comfy, dojo, monk
     dojo.lora_training.train_lora(patcher, encoded(dojo, "flux", n=1), job(
         dojo, steps=1, memory_plan=dojo.memory_planning.PlanRequest()))
     assert len(entered) > now
+
+
+def test_a_preview_bigger_than_the_training_bucket_is_planned(comfy, dojo, tiny_sd_vae):
+    from test_training_previews import load_vae, prompt_pair
+    patcher = FAMILIES["sd15"][0]()
+    data = encoded(dojo, "sd15")  # 16 x 16 latents
+    vae = load_vae(comfy, tiny_sd_vae)
+
+    def planned(side=None):
+        previews = None if side is None else dojo.previews.PreviewRequest(
+            dojo.previews.PreviewSettings(every=1, steps=1, seed=3, width=side, height=side), vae,
+            prompt_pair("sd15"), prompt_pair("sd15", seed=6))
+        return dojo.lora_training.train_lora(patcher, data, job(
+            dojo, steps=1, previews=previews, memory_plan=dojo.memory_planning.PlanRequest())).memory_plan.estimate
+    base, small, big = planned(), planned(64), planned(384)
+    assert base.preview == 0
+    # A 64 px preview (8 x 8 latents, cfg batch 2) needs less than the step: the step sets the estimate.
+    assert 0 < small.preview < base.activations and small.activations == base.activations
+    # A 384 px preview (48 x 48 latents) needs more than a training step on 16 x 16: it sets it.
+    assert big.preview > base.activations and big.activations == big.preview and big.preview_dominates
+    assert "preview" in big.parts()
