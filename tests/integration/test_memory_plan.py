@@ -23,7 +23,7 @@ pytestmark = pytest.mark.integration
 def dojo(comfy):
     pack = sys.modules[comfy.pack_module_name()].__name__
     mods = {name: importlib.import_module(f"{pack}.{name}") for name in (
-        "nodes.lora_training", "nodes.memory_planning", "nodes.memory_nodes", "nodes.comfy_compat", "nodes.previews",
+        "nodes.lora_training", "nodes.memory_planning", "nodes.memory_nodes", "nodes.comfy_compat", "nodes.previews", "nodes.te_lora",
         "nodes.comfy_model", "nodes.ti_training", "training.protocol", "training.batches", "training.encoded",
         "training.adapters", "training.loop", "training.memory_plan", "training.textual_inversion")}
     return type("Dojo", (), {k.split(".")[-1]: v for k, v in mods.items()})
@@ -190,3 +190,19 @@ def test_a_preview_bigger_than_the_training_bucket_is_planned(comfy, dojo, tiny_
     # A 384 px preview (48 x 48 latents) needs more than a training step on 16 x 16: it sets it.
     assert big.preview > base.activations and big.activations == big.preview and big.preview_dominates
     assert "preview" in big.parts()
+
+
+def test_a_text_encoder_lora_job_plans_the_joint_step_and_the_clips_weights(comfy, dojo, tiny_sd15_checkpoint):
+    from dataclasses import replace
+    from test_te_lora import dataset as te_dataset
+    from test_te_lora import te_job
+    from test_textual_inversion_nodes import load_checkpoint
+    model, clip, _ = load_checkpoint(comfy, tiny_sd15_checkpoint)
+    both = replace(te_job(dojo, clip, steps=1), memory_plan=dojo.memory_planning.PlanRequest())
+    unet = dojo.lora_training.train_lora(model, te_dataset(dojo), replace(both, text_encoder=None)).memory_plan
+    joint = dojo.lora_training.train_lora(model, te_dataset(dojo), both).memory_plan
+    net = clip.cond_stage_model
+    clip_bytes = sum(t.numel() * t.element_size() for t in [*net.parameters(), *net.buffers()])
+    assert joint.fits and joint.estimate.weights - unet.estimate.weights == clip_bytes  # the CLIP is resident
+    assert joint.estimate.adapter > unet.estimate.adapter  # the text encoder's LoRA and its optimizer state
+    assert joint.estimate.activations > unet.estimate.activations  # the CLIP's forward + backward in the step
