@@ -17,8 +17,8 @@ import torch
 
 from .. import __version__
 from ..training.memory_plan import (MEASURE_FORMAT, MeasureCache, MemoryPlanRefused, ModelMemory, Plan, StepJob,
-                                    biggest_sample, estimate, free_bytes, gb, heap_limit, measure_key, module_signature, plan,
-                                    probe_sampling_step, probe_training_step, tensor_bytes)
+                                    biggest_sample, estimate, free_bytes, gb, heap_limit, measure_key,
+                                    module_signature, plan, probe_sampling_step, probe_training_step, tensor_bytes)
 from ..training.optimizers import OptimizerKind
 from . import comfy_compat as cc
 from .grad_protection import diffusion_model_of, needs_protection, training_region, transformer_blocks
@@ -141,7 +141,8 @@ def step_job(model, patcher, samples, batch_size: int, config, params, device, t
     parts = _measure_parts(model, patcher, samples, batch_size, config, params, device, text_encoders)
 
     def measure(checkpointing: bool):
-        return _cached({**parts, "checkpointing": checkpointing}, f"step (checkpointing {'on' if checkpointing else 'off'})",
+        what = f"step (checkpointing {'on' if checkpointing else 'off'})"
+        return _cached({**parts, "checkpointing": checkpointing}, what,
                        lambda: probe_training_step(model, samples, batch_size, config, params,
                                                    lambda gc: training_region(patcher, gc, 0, device), device,
                                                    checkpointing))

@@ -23,7 +23,8 @@ pytestmark = pytest.mark.integration
 def dojo(comfy):
     pack = sys.modules[comfy.pack_module_name()].__name__
     mods = {name: importlib.import_module(f"{pack}.{name}") for name in (
-        "nodes.lora_training", "nodes.memory_planning", "nodes.memory_nodes", "nodes.comfy_compat", "nodes.previews", "nodes.te_lora",
+        "nodes.lora_training", "nodes.memory_planning", "nodes.memory_nodes", "nodes.comfy_compat", "nodes.previews",
+        "nodes.te_lora",
         "nodes.comfy_model", "nodes.ti_training", "training.protocol", "training.batches", "training.encoded",
         "training.adapters", "training.loop", "training.memory_plan", "training.textual_inversion")}
     return type("Dojo", (), {k.split(".")[-1]: v for k, v in mods.items()})
