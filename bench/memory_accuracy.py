@@ -11,7 +11,12 @@ trainer's copies. "estimate" = the planner's total minus the weights (on the CPU
 resident before training). A warm-up run at 1/16 of the tokens first loads the runtime's one-off
 kernels and buffers (reported as "first-run MB", which the planner's fixed CPU margin covers).
 
-Usage: COMFYUI_PATH=~/ComfyUI python bench/memory_accuracy.py [--only NAME]
+`--malloc fixed` runs the configurations with glibc's mmap threshold fixed at 128 KiB
+(MALLOC_MMAP_THRESHOLD_=131072): freed tensors above it go back to the system at once, so RSS follows
+the live bytes instead of the heap's high-water mark, and the planner (which reads the setting) drops
+its heap-fragmentation allowance. The default is glibc's own dynamic threshold.
+
+Usage: COMFYUI_PATH=~/ComfyUI python bench/memory_accuracy.py [--only NAME ...] [--malloc default|fixed]
 """
 from __future__ import annotations
 
@@ -140,12 +145,17 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--one")
     parser.add_argument("--only", nargs="*")
+    parser.add_argument("--malloc", choices=["default", "fixed"], default="default")
     opts = parser.parse_args()
     if opts.one:
         print(json.dumps(run_one(opts.one)))
         return
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    print("CPU, 1 thread, bf16 autocast, fp32 weights, LoRA rank 16 (HunyuanVideo 32), 2 steps; MB = 2^20 bytes")
+    env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    if opts.malloc == "fixed":
+        env["MALLOC_MMAP_THRESHOLD_"] = "131072"
+    print("CPU, 1 thread, bf16 autocast, fp32 weights, LoRA rank 16 (HunyuanVideo 32), 2 steps; MB = 2^20 bytes; "
+          + ("glibc mmap threshold fixed at 128 KiB" if opts.malloc == "fixed" else "glibc's dynamic mmap threshold"))
     print(f"{'configuration':<24}{'params M':>9}{'measured MB':>12}{'estimate MB':>12}{'error':>8}"
           f"{'activ. MB':>10}{'adapter MB':>11}{'first-run MB':>13}")
     errors = []

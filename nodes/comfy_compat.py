@@ -245,6 +245,15 @@ def user_directory() -> str:
     return folder_paths.get_user_directory()
 
 
+def comfyui_version() -> str:
+    """ComfyUI's version string (its comfyui_version module), or 'unknown' in a tree without one."""
+    try:
+        import comfyui_version
+        return str(comfyui_version.__version__)
+    except (ImportError, AttributeError):
+        return "unknown"
+
+
 def lora_directories() -> list[str]:
     return folder_paths.get_folder_paths("loras")
 

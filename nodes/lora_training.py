@@ -27,7 +27,7 @@ from . import comfy_compat as cc
 from .comfy_model import trainable_view
 from .failures import training_failures
 from .grad_protection import training_region
-from .memory_planning import PlanRequest, settle, step_job
+from .memory_planning import PlanRequest, preview_shape, settle, step_job
 from .previews import PreviewRequest, TrainingPreviews
 from .progress import TrainingProgress
 from .te_lora import JointTrainable, TextEncoderJob, pivotal_embedding, split_te_keys, text_encoder_session
@@ -133,9 +133,16 @@ def train_lora(model_patcher, dataset: EncodedDataset, job: LoraJob) -> LoraResu
                 progress.start_at(step, losses)
             plan = None
             if job.memory_plan is not None:
-                plan = settle(step_job(view, patcher, samples, batch_size, job.train, adapter.parameters(), device),
+                # With the text encoder training, the step measured is the joint one (captions encoded
+                # through the adapted CLIP), and the CLIP's weights count as resident.
+                encoders = () if te is None else (te.clip.cond_stage_model,)
+                shape = preview_shape(job.previews, patcher, view.spec)
+                plan = settle(step_job(model, patcher, samples, batch_size, job.train, trainable.parameters(), device,
+                                       text_encoders=encoders,
+                                       preview=None if shape is None else (view, *shape, dataset.samples)),
                               patcher, device, checkpointing=job.gradient_checkpointing,
-                              blocks_to_swap=job.blocks_to_swap, request=job.memory_plan, what="this LoRA job")
+                              blocks_to_swap=job.blocks_to_swap, request=job.memory_plan, what="this LoRA job",
+                              text_encoders=encoders)
                 if plan is not None:
                     job = replace(job, gradient_checkpointing=plan.checkpointing, blocks_to_swap=plan.blocks_to_swap)
             # Only rank 0 of a data-parallel run saves samples (every rank samples the same weights).

@@ -173,10 +173,12 @@ def train_embedding(model_patcher, clip, latents: list[torch.Tensor], captions: 
         if job.memory_plan:
             # The UNet's checkpointing is the one memory setting of this trainer; no input exposes it, so
             # the plan may turn it on when the step would not fit without.
-            plan = settle(step_job(model, patcher, samples, job.batch_size, job.train, vectors.parameters(), device),
+            encoders = (train_clip.cond_stage_model,)  # the step runs the CLIP too: its weights are resident
+            plan = settle(step_job(model, patcher, samples, job.batch_size, job.train, vectors.parameters(), device,
+                                   text_encoders=encoders),
                           patcher, device, checkpointing=False, blocks_to_swap=0,
                           request=PlanRequest(auto_checkpointing=True, auto_blocks_to_swap=False),
-                          what="this textual-inversion job")
+                          what="this textual-inversion job", text_encoders=encoders)
         previews = None
         if job.previews is not None:
             # The preview prompt is encoded at each preview by the training CLIP: the vectors as they stand.

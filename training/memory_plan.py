@@ -23,10 +23,16 @@ parameter model built on fake tensors and a tiny one on the CPU.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+import logging
 import math
 import os
 import resource
+import tempfile
+import threading
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -36,6 +42,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .optimizers import OptimizerKind
+
+log = logging.getLogger("comfyui-dojo")
 
 GB = 1e9
 
@@ -49,13 +57,31 @@ ADAPTER_MASTER_BYTES = 4    # adapter weights are fp32 master weights
 # fragmentation on CUDA; on the CPU what other threads and the rest of ComfyUI allocate meanwhile).
 MARGIN_FRACTION = 0.08
 RUNTIME_BYTES = {"cpu": 64 * 2**20, "cuda": 128 * 2**20}
-# On the CPU, tensors below glibc's largest mmap threshold (32 MiB on 64-bit) come from malloc's heap,
-# which the first step at a new shape fragments: its RSS peaks above the live bytes by about this
-# fraction of the heap-sized tensors alive at the peak (bench/memory_accuracy.py; later steps reuse the
-# holes). Larger tensors are mmapped and returned to the system when freed. CUDA's caching allocator
-# rounds and splits blocks instead; the margin covers it.
+# On the CPU, tensors below glibc's mmap threshold come from malloc's heap, which the first step at a
+# new shape fragments: its RSS peaks above the live bytes by about this fraction of the heap-sized
+# tensors alive at the peak (bench/memory_accuracy.py; later steps reuse the holes). Larger tensors are
+# mmapped and returned to the system when freed. By default glibc's threshold is dynamic: each freed
+# mmapped chunk raises it, up to 32 MiB on 64-bit, so after the first large tensor is freed everything
+# below 32 MiB is heap; a process that fixes the threshold (MALLOC_MMAP_THRESHOLD_, or the
+# glibc.malloc.mmap_threshold tunable) turns that off (`heap_limit`). CUDA's caching allocator rounds and
+# splits blocks instead; the margin covers it.
 HEAP_LIMIT = 32 * 2**20
 CPU_HEAP_GROWTH = 0.3
+
+
+def heap_limit(environ=os.environ) -> int:
+    """The size below which this process's tensors come from malloc's heap (see CPU_HEAP_GROWTH)."""
+    value = environ.get("MALLOC_MMAP_THRESHOLD_")
+    for tunable in environ.get("GLIBC_TUNABLES", "").split(":"):
+        name, _, setting = tunable.partition("=")
+        if name == "glibc.malloc.mmap_threshold":
+            value = setting
+    try:
+        return min(int(value), HEAP_LIMIT) if value is not None else HEAP_LIMIT
+    except ValueError:
+        return HEAP_LIMIT
+
+
 MARGIN_BYTES = {"cuda": 512 * 2**20, "cpu": 160 * 2**20}
 
 
@@ -74,8 +100,9 @@ class LiveBytes(TorchDispatchMode):
         self.live = 0
         self.peak = 0
         self.largest = 0
-        self.heap_live = 0       # bytes in storages below HEAP_LIMIT (see CPU_HEAP_GROWTH)
+        self.heap_live = 0       # bytes in storages below heap_limit() (see CPU_HEAP_GROWTH)
         self.heap_at_peak = 0
+        self.heap_limit = heap_limit()
         self._sizes: dict[int, int] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -92,7 +119,7 @@ class LiveBytes(TorchDispatchMode):
             size = storage.nbytes()
             self._sizes[key] = size
             self.live += size
-            if size < HEAP_LIMIT:
+            if size < self.heap_limit:
                 self.heap_live += size
             self.largest = max(self.largest, size)
             if self.live > self.peak:
@@ -103,7 +130,7 @@ class LiveBytes(TorchDispatchMode):
     def _free(self, key: int) -> None:
         size = self._sizes.pop(key, 0)
         self.live -= size
-        if size < HEAP_LIMIT:
+        if size < self.heap_limit:
             self.heap_live -= size
 
 
@@ -138,35 +165,146 @@ def fake_tensors():
         yield mode
 
 
-class FusedAttentionOnMeta(TorchFunctionMode):
-    """On the meta device (where real-size models are planned for a GPU), run scaled_dot_product_attention
-    as the fused kernels a GPU runs (flash; memory-efficient where there is a mask), whose memory is
-    linear in the tokens: on meta tensors torch would pick the math kernel, which keeps the full
-    attention matrix, and plan gigabytes a GPU never allocates."""
+_SDPA = torch.nn.functional.scaled_dot_product_attention
+
+
+def _fused_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """scaled_dot_product_attention as a GPU runs it (flash; memory-efficient where there is a mask), on
+    meta tensors; anything else goes to torch's own function."""
+    if q.device.type != "meta":
+        return _SDPA(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                     enable_gqa=enable_gqa)
+    if enable_gqa and k.shape[-3] != q.shape[-3]:
+        k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
+        v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
+    if attn_mask is None:
+        return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal, False,
+                                                                  scale=scale)[0]
+    bias = attn_mask if attn_mask.dtype != torch.bool else torch.zeros(attn_mask.shape, dtype=q.dtype,
+                                                                       device=q.device)
+    return torch.ops.aten._scaled_dot_product_efficient_attention(
+        q, k, v, bias.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2]), True, dropout_p, is_causal,
+        scale=scale)[0]
+
+
+class _FusedAttentionMode(TorchFunctionMode):
+    """Sends calls of the original function (callers that imported it by name) to `_fused_attention`."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
-        if func is not torch.nn.functional.scaled_dot_product_attention or args[0].device.type != "meta":
-            return func(*args, **kwargs)
-        q, k, v = args[:3]
-        mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
-        causal = kwargs.get("is_causal", False)
-        if mask is None:
-            return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False,
-                                                                      scale=kwargs.get("scale"))[0]
-        bias = mask if mask.dtype != torch.bool else torch.zeros(mask.shape, dtype=q.dtype, device=q.device)
-        return torch.ops.aten._scaled_dot_product_efficient_attention(
-            q, k, v, bias.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2]), True, 0.0, causal,
-            scale=kwargs.get("scale"))[0]
+        if func is _SDPA:
+            return _fused_attention(*args, **(kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def fused_attention_on_meta():
+    """On the meta device (where real-size models are planned for a GPU), run scaled_dot_product_attention
+    as the fused kernels a GPU runs, whose memory is linear in the tokens: on meta tensors torch would
+    pick the math kernel, which keeps the full attention matrix, and plan gigabytes a GPU never
+    allocates. A torch-function mode alone is not enough: autograd runs a checkpointed block's
+    recomputation (inside backward) with torch-function modes off, so `torch.nn.functional`'s attribute
+    is also replaced while measuring (callers such as ComfyUI look it up at call time); non-meta calls go
+    to torch's own function unchanged."""
+    functional = torch.nn.functional
+    functional.scaled_dot_product_attention = _fused_attention
+    try:
+        with _FusedAttentionMode():
+            yield
+    finally:
+        functional.scaled_dot_product_attention = _SDPA
 
 
 def measure_step(step: Callable[[], None], tokens: int) -> StepMeasure:
     """Run `step` (one forward + backward, building its inputs inside) on fake tensors and count what
     it allocates. The trainable parameters' `.grad` it creates are reset to None afterwards."""
     counter = LiveBytes()
-    with fake_tensors(), counter, FusedAttentionOnMeta():
+    with fake_tensors(), counter, fused_attention_on_meta():
         step()
     return StepMeasure(counter.peak, counter.largest, tokens, counter.heap_at_peak)
+
+
+# --- remembering measurements --------------------------------------------------------------------
+
+# Bump when what a fake step counts changes, so measurements saved on disk by an older pack are not reused.
+MEASURE_FORMAT = 1
+
+
+def module_signature(module: torch.nn.Module) -> str:
+    """A hash of a network's structure as the step sees it: every parameter's and buffer's name, shape,
+    dtype, device type and whether it trains (the adapter's layers included), and the module types."""
+    h = hashlib.sha256()
+    for name, sub in module.named_modules():
+        h.update(f"m {name} {type(sub).__qualname__}\n".encode())
+    for kind, tensors in (("p", module.named_parameters()), ("b", module.named_buffers())):
+        for name, t in tensors:
+            h.update(f"{kind} {name} {tuple(t.shape)} {t.dtype} {t.device.type} {t.requires_grad}\n".encode())
+    return h.hexdigest()
+
+
+def measure_key(parts: dict) -> str:
+    """The key of one measurement: a hash of everything the fake step's peak depends on (`parts`: the
+    model's signature, the batch's tensor shapes, dtypes, settings and code versions), JSON-encoded."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:40]
+
+
+class MeasureCache:
+    """Step measurements already made, by `measure_key`: in this process (the last `size` of them) and,
+    with `folder`, as small JSON files there, so a second start of the same job, even after a restart,
+    skips the fake step (1-4 minutes at real size on a CPU). A file that cannot be read or does not hold
+    a measurement is ignored and measured again; writes are atomic and an existing file is kept."""
+
+    def __init__(self, folder: str | None = None, size: int = 64):
+        self.folder, self.size = folder, size
+        self._memory: OrderedDict[str, StepMeasure] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _path(self, key: str) -> str | None:
+        return None if self.folder is None else os.path.join(self.folder, f"{key}.json")
+
+    def get(self, key: str) -> StepMeasure | None:
+        with self._lock:
+            if key in self._memory:
+                self._memory.move_to_end(key)
+                return self._memory[key]
+        path = self._path(key)
+        if path is None or not os.path.isfile(path):
+            return None
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+            m = StepMeasure(**{k: int(data[k]) for k in ("peak_bytes", "largest_tensor_bytes", "tokens",
+                                                             "heap_bytes_at_peak")})
+            if data.get("format") != MEASURE_FORMAT or min(m.peak_bytes, m.largest_tensor_bytes) < 0:
+                return None
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            return None
+        self._remember(key, m)
+        return m
+
+    def put(self, key: str, m: StepMeasure) -> None:
+        self._remember(key, m)
+        path = self._path(key)
+        if path is None or os.path.exists(path):
+            return
+        try:
+            os.makedirs(self.folder, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=self.folder)
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    json.dump({"format": MEASURE_FORMAT, **vars(m)}, f)
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        except OSError as exc:  # a cache: failing to keep it costs a measurement next time, nothing else
+            log.debug("Dojo: could not save the memory measurement in %s: %s", self.folder, exc)
+
+    def _remember(self, key: str, m: StepMeasure) -> None:
+        with self._lock:
+            self._memory[key] = m
+            self._memory.move_to_end(key)
+            while len(self._memory) > self.size:
+                self._memory.popitem(last=False)
 
 
 # --- the arithmetic ------------------------------------------------------------------------------
@@ -207,16 +345,22 @@ class Estimate:
     blocks_to_swap: int
     weights: int
     adapter: int          # adapter master weights + optimizer state
-    activations: int      # measured step peak: saved activations, gradients, transients
+    activations: int      # measured step peak: saved activations, gradients, transients (or a preview's)
     workspace: int
+    preview: int = 0      # measured peak of a preview's sampling forward (0: no previews)
 
     @property
     def total(self) -> int:
         return self.weights + self.adapter + self.activations + self.workspace
 
+    @property
+    def preview_dominates(self) -> bool:
+        return self.preview > 0 and self.preview >= self.activations
+
     def parts(self) -> str:
+        what = "activations of a preview's sampling" if self.preview_dominates else "activations + gradients"
         return (f"weights {gb(self.weights)}, adapter + optimizer {gb(self.adapter)}, "
-                f"activations + gradients {gb(self.activations)}, workspace {gb(self.workspace)}")
+                f"{what} {gb(self.activations)}, workspace {gb(self.workspace)}")
 
 
 @dataclass(frozen=True)
@@ -230,6 +374,9 @@ class StepJob:
     device_type: str = "cpu"
     batch_size: int = 1
     weight_dtype_bytes: int = 2
+    # A preview's sampling forward between steps (training.previews), measured the same way; None: no
+    # previews. It runs while the adapter and optimizer state stay, but the step's activations are freed.
+    measure_preview: Callable[[], StepMeasure] | None = None
     _cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     def measured(self, checkpointing: bool) -> StepMeasure:
@@ -237,15 +384,24 @@ class StepJob:
             self._cache[checkpointing] = self.measure(checkpointing)
         return self._cache[checkpointing]
 
+    def measured_preview(self) -> StepMeasure | None:
+        if self.measure_preview is None:
+            return None
+        if "preview" not in self._cache:
+            self._cache["preview"] = self.measure_preview()
+        return self._cache["preview"]
+
 
 def estimate(job: StepJob, checkpointing: bool, blocks_to_swap: int = 0) -> Estimate:
     m = job.measured(checkpointing)
     adapter = job.adapter_params * ADAPTER_MASTER_BYTES + optimizer_bytes(job.adapter_params, job.optimizer)
     runtime = RUNTIME_BYTES.get(job.device_type, RUNTIME_BYTES["cuda"])
+    preview = job.measured_preview()
+    peak = m if preview is None or preview.peak_bytes <= m.peak_bytes else preview
     if job.device_type == "cpu":
-        runtime += int(CPU_HEAP_GROWTH * m.heap_bytes_at_peak)
+        runtime += int(CPU_HEAP_GROWTH * peak.heap_bytes_at_peak)
     return Estimate(checkpointing, blocks_to_swap, job.model.resident_bytes(blocks_to_swap, checkpointing),
-                    adapter, m.peak_bytes, runtime)
+                    adapter, peak.peak_bytes, runtime, preview.peak_bytes if preview is not None else 0)
 
 
 def safety_margin(available: int, device_type: str) -> int:
@@ -332,6 +488,8 @@ def suggest(job: StepJob, best: Estimate, budget: int, device_type: str) -> list
             + optimizer_bytes(job.adapter_params, OptimizerKind.ADAMW_8BIT)
         if eight_bit <= budget:
             out.append("optimizer adamw8bit")
+    if best.preview_dominates:
+        out.append("smaller previews (sample_width / sample_height / sample_frames), or sample_every 0")
     if not best.checkpointing:
         out.append("gradient_checkpointing on")
     if not out:
@@ -445,6 +603,25 @@ def with_resident(free: int, resident: int) -> int:
 def biggest_sample(samples):
     """The sample whose step costs most: the most latent elements, then the longest text."""
     return max(samples, key=lambda s: (s.latent.numel(), s.cond.context.shape[1]))
+
+
+def probe_sampling_step(model, sample, latent_shape, batch_size: int, device) -> StepMeasure:
+    """Measure one denoising forward of a preview (no autograd, so nothing is saved and checkpointing
+    passes straight through) at the preview's latent shape [C, (T,) H, W], `batch_size` wide (2 when
+    classifier-free guidance batches the negative prompt with the positive), with `sample`'s
+    conditioning, on fake tensors."""
+    from .batches import Sample, collate
+    preview = Sample(torch.zeros(latent_shape), sample.cond)
+    batch = collate([preview] * batch_size, list(range(batch_size)))
+    device = torch.device(device)
+    tokens = batch_size * (preview.latent[0].numel() + sample.cond.context.shape[1])
+
+    def step():
+        with torch.no_grad():
+            model.predict(batch.latents.to(device, torch.float32), torch.full((batch_size,), 0.5, device=device),
+                          batch.cond.to(device))
+
+    return measure_step(step, tokens)
 
 
 def probe_training_step(model, samples, batch_size: int, config, params, region, device,

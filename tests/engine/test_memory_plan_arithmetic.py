@@ -162,3 +162,108 @@ def test_cpu_free_memory_honours_a_real_address_space_limit():
     free, source, vmsize = json.loads(limited.stdout)
     assert source == "address-space limit (RLIMIT_AS)"
     assert free == limit - vmsize and 0 < free < 400 * 2**20 < unlimited[0]
+
+
+class Attention(torch.nn.Module):
+    """An attention block that calls scaled_dot_product_attention through torch.nn.functional at call
+    time, as ComfyUI's attention does."""
+
+    def __init__(self, dim=64, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return x + out.transpose(1, 2).reshape(b, n, d)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_attention_on_meta_is_planned_as_the_fused_kernels_also_in_a_checkpoint_recomputation(checkpointing):
+    tokens, dim, heads = 4096, 64, 2
+    blocks = torch.nn.ModuleList([Attention(dim, heads) for _ in range(2)]).to("meta")
+
+    def step():
+        x = torch.zeros(1, tokens, dim, device="meta", requires_grad=True)
+        for block in blocks:
+            x = block(x)
+        x.sum().backward()
+
+    with protected_training(list(blocks), checkpointing=checkpointing):
+        m = mp.measure_step(step, tokens)
+    matrix = heads * tokens * tokens * 4  # one fp32 attention matrix: what the math kernel would keep
+    assert m.peak_bytes < matrix / 4, m
+    assert m.peak_bytes > 4 * tokens * dim * 4  # the block's real activations are counted
+    assert torch.nn.functional.scaled_dot_product_attention is mp._SDPA  # put back
+
+
+def test_module_signature_sees_shapes_dtypes_and_what_trains():
+    a, b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    assert mp.module_signature(a) == mp.module_signature(b)  # weights' values do not matter
+    assert mp.module_signature(a) != mp.module_signature(torch.nn.Linear(4, 5))
+    assert mp.module_signature(a) != mp.module_signature(torch.nn.Linear(4, 4).to(torch.bfloat16))
+    b.bias.requires_grad_(False)
+    assert mp.module_signature(a) != mp.module_signature(b)
+
+
+def test_measurements_are_kept_in_process_and_on_disk(tmp_path):
+    m = mp.StepMeasure(123_456, 789, 10, 42)
+    key = mp.measure_key({"net": "x", "batch": 2})
+    assert key != mp.measure_key({"net": "x", "batch": 1})
+    cache = mp.MeasureCache(str(tmp_path / "plans"))
+    assert cache.get(key) is None
+    cache.put(key, m)
+    assert cache.get(key) == m
+    # A new process (a new cache on the same folder) reads it back from disk.
+    assert mp.MeasureCache(str(tmp_path / "plans")).get(key) == m
+    assert [p.name for p in (tmp_path / "plans").iterdir()] == [f"{key}.json"]  # no temporary file left
+    # An existing file is kept, an unreadable or foreign one is ignored (measured again).
+    cache.put(key, mp.StepMeasure(1, 1, 1, 1))
+    assert mp.MeasureCache(str(tmp_path / "plans")).get(key) == m
+    (tmp_path / "plans" / f"{key}.json").write_text("{not json")
+    assert mp.MeasureCache(str(tmp_path / "plans")).get(key) is None
+    (tmp_path / "plans" / f"{key}.json").write_text(json.dumps({"format": -1, **vars(m)}))
+    assert mp.MeasureCache(str(tmp_path / "plans")).get(key) is None
+    # Without a folder it only remembers in process; a full cache forgets its oldest.
+    small = mp.MeasureCache(None, size=2)
+    for i in range(3):
+        small.put(str(i), m)
+    assert small.get("0") is None and small.get("2") == m
+
+
+def test_the_heap_limit_follows_glibcs_mmap_threshold_setting():
+    assert mp.heap_limit({}) == 32 * 2**20  # glibc's dynamic threshold grows to 32 MiB
+    assert mp.heap_limit({"MALLOC_MMAP_THRESHOLD_": "131072"}) == 131072
+    assert mp.heap_limit({"GLIBC_TUNABLES": "glibc.malloc.arena_max=1:glibc.malloc.mmap_threshold=65536"}) == 65536
+    assert mp.heap_limit({"MALLOC_MMAP_THRESHOLD_": "lots"}) == 32 * 2**20
+
+
+def test_the_fake_preview_forward_counts_what_a_real_sampling_forward_allocates():
+    model, adapter = adapted_unet()
+    sample = tiny_samples(n=1, size=16)[0]
+    shape = (sample.latent.shape[0], 32, 32)  # a preview bigger than the training bucket
+    fake = mp.probe_sampling_step(model, sample, shape, 2, "cpu")
+    counter = mp.LiveBytes()
+    cond = type(sample.cond)(torch.cat([sample.cond.context] * 2), None, {})
+    with counter, torch.no_grad():
+        model.predict(torch.zeros(2, *shape), torch.full((2,), 0.5), cond)
+    assert counter.peak > 100_000
+    assert abs(fake.peak_bytes - counter.peak) <= 0.06 * counter.peak
+    assert fake.peak_bytes < mp.probe_training_step(model, [type(sample)(torch.zeros(shape), sample.cond)], 2,
+                                                    TrainConfig(), adapter.parameters(),
+                                                    lambda gc: contextlib.nullcontext(), "cpu", False).peak_bytes
+    adapter.detach()
+
+
+def test_a_preview_that_needs_more_than_the_step_sets_the_activations():
+    job, _ = fixed_job(act_off=1000, act_on=400)
+    with_preview = mp.StepJob(job.model, job.adapter_params, job.optimizer, job.measure, device_type="test",
+                              measure_preview=lambda: mp.StepMeasure(700, 0, 1))
+    off, on = mp.estimate(with_preview, False), mp.estimate(with_preview, True)
+    assert (off.activations, off.preview, off.preview_dominates) == (1000, 700, False)
+    assert (on.activations, on.preview, on.preview_dominates) == (700, 700, True)
+    assert "preview" in on.parts()
+    p = mp.plan(with_preview, on.total - 1, "test", checkpointing=True, blocks_to_swap=0)
+    assert not p.fits and any("smaller previews" in s for s in p.suggestions)

@@ -23,7 +23,8 @@ pytestmark = pytest.mark.integration
 def dojo(comfy):
     pack = sys.modules[comfy.pack_module_name()].__name__
     mods = {name: importlib.import_module(f"{pack}.{name}") for name in (
-        "nodes.lora_training", "nodes.memory_planning", "nodes.memory_nodes", "nodes.comfy_compat",
+        "nodes.lora_training", "nodes.memory_planning", "nodes.memory_nodes", "nodes.comfy_compat", "nodes.previews",
+        "nodes.te_lora",
         "nodes.comfy_model", "nodes.ti_training", "training.protocol", "training.batches", "training.encoded",
         "training.adapters", "training.loop", "training.memory_plan", "training.textual_inversion")}
     return type("Dojo", (), {k.split(".")[-1]: v for k, v in mods.items()})
@@ -123,3 +124,86 @@ def test_under_a_real_memory_limit_auto_makes_the_job_fit_and_unplanned_fails(co
     assert "gradient_checkpointing on" in explicit["message"] and "free" in explicit["message"]
     # Without the plan, the same job really runs out of memory in step 1.
     assert unplanned.get("error") == "TrainingOutOfMemory" and unplanned["steps_before"] == 1, unplanned
+
+
+def fake_steps(monkeypatch):
+    """The fake-tensor modes entered (each once, though torch re-enters them op by op): each measured
+    step runs in one of its own (torch's class)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    entered = []
+    original = FakeTensorMode.__enter__
+
+    def enter(self):
+        if not any(m is self for m in entered):
+            entered.append(self)
+        return original(self)
+    monkeypatch.setattr(FakeTensorMode, "__enter__", enter)
+    return entered
+
+
+def test_a_second_start_of_the_same_job_reuses_the_measurement(comfy, dojo, monkeypatch, caplog, tmp_path):
+    # A ComfyUI that has not planned anything yet: a new user directory, nothing measured in this process.
+    monkeypatch.setattr(comfy.folder_paths, "user_directory", str(tmp_path))
+    monkeypatch.setattr(dojo.memory_planning, "_CACHES", {})
+    entered = fake_steps(monkeypatch)
+    patcher = FAMILIES["flux"][0]()
+    data = encoded(dojo, "flux")
+    train = lambda **kw: dojo.lora_training.train_lora(  # noqa: E731
+        patcher, data, job(dojo, steps=1, memory_plan=dojo.memory_planning.PlanRequest(), **kw))
+    first = train().memory_plan
+    measured = len(entered)
+    assert measured >= 1
+    with caplog.at_level(logging.INFO, logger="comfyui-dojo"):
+        second = train().memory_plan
+    assert len(entered) == measured  # no fake step ran
+    assert second.estimate == first.estimate and second.chosen == first.chosen
+    assert any(m.startswith("Dojo memory plan: reusing the measured step") for m in plan_logs(caplog))
+    # On disk under ComfyUI's user directory: a fresh process's cache (a restart) reads it back.
+    folder = tmp_path / "dojo" / "memory-plan"
+    assert len(list(folder.glob("*.json"))) == measured
+    monkeypatch.setattr(dojo.memory_planning, "_CACHES", {})
+    assert train().memory_plan.estimate == first.estimate and len(entered) == measured
+    # A different job (another batch shape, other trainable parameters) is measured again.
+    train(gradient_checkpointing=True)
+    assert len(entered) > measured
+    now = len(entered)
+    dojo.lora_training.train_lora(patcher, encoded(dojo, "flux", n=1), job(
+        dojo, steps=1, memory_plan=dojo.memory_planning.PlanRequest()))
+    assert len(entered) > now
+
+
+def test_a_preview_bigger_than_the_training_bucket_is_planned(comfy, dojo, tiny_sd_vae):
+    from test_training_previews import load_vae, prompt_pair
+    patcher = FAMILIES["sd15"][0]()
+    data = encoded(dojo, "sd15")  # 16 x 16 latents
+    vae = load_vae(comfy, tiny_sd_vae)
+
+    def planned(side=None):
+        previews = None if side is None else dojo.previews.PreviewRequest(
+            dojo.previews.PreviewSettings(every=1, steps=1, seed=3, width=side, height=side), vae,
+            prompt_pair("sd15"), prompt_pair("sd15", seed=6))
+        return dojo.lora_training.train_lora(patcher, data, job(
+            dojo, steps=1, previews=previews, memory_plan=dojo.memory_planning.PlanRequest())).memory_plan.estimate
+    base, small, big = planned(), planned(64), planned(384)
+    assert base.preview == 0
+    # A 64 px preview (8 x 8 latents, cfg batch 2) needs less than the step: the step sets the estimate.
+    assert 0 < small.preview < base.activations and small.activations == base.activations
+    # A 384 px preview (48 x 48 latents) needs more than a training step on 16 x 16: it sets it.
+    assert big.preview > base.activations and big.activations == big.preview and big.preview_dominates
+    assert "preview" in big.parts()
+
+
+def test_a_text_encoder_lora_job_plans_the_joint_step_and_the_clips_weights(comfy, dojo, tiny_sd15_checkpoint):
+    from dataclasses import replace
+    from test_te_lora import dataset as te_dataset
+    from test_te_lora import te_job
+    from test_textual_inversion_nodes import load_checkpoint
+    model, clip, _ = load_checkpoint(comfy, tiny_sd15_checkpoint)
+    both = replace(te_job(dojo, clip, steps=1), memory_plan=dojo.memory_planning.PlanRequest())
+    unet = dojo.lora_training.train_lora(model, te_dataset(dojo), replace(both, text_encoder=None)).memory_plan
+    joint = dojo.lora_training.train_lora(model, te_dataset(dojo), both).memory_plan
+    net = clip.cond_stage_model
+    clip_bytes = sum(t.numel() * t.element_size() for t in [*net.parameters(), *net.buffers()])
+    assert joint.fits and joint.estimate.weights - unet.estimate.weights == clip_bytes  # the CLIP is resident
+    assert joint.estimate.adapter > unet.estimate.adapter  # the text encoder's LoRA and its optimizer state
+    assert joint.estimate.activations > unet.estimate.activations  # the CLIP's forward + backward in the step
