@@ -187,7 +187,7 @@ split_args() {
 }
 
 reports="$(mktemp -d)"
-summary=(); failed=0; ran_main_target=0
+summary=(); not_run=(); failed=0; ran_main_target=0
 # The tiers, in summary order: name, tree ("" for none), Python, test paths (one a line).
 tier_names=(); tier_trees=(); tier_pythons=(); tier_paths=(); tier_pids=(); tier_started=()
 
@@ -236,7 +236,12 @@ start_tier() {
     "$py" "$reports/pytest_tier.py" -q "${paths[@]}" "${options[@]}" >"$reports/$i.log" 2>&1 &
     echo $! >"$reports/$i.pid"
     wait $!
-    echo $? >"$reports/$i.rc"
+    rc=$?
+    # The CPU seconds the tier used (pytest and every subprocess it waited for), a load-independent figure.
+    awk -v t="$(getconf CLK_TCK 2>/dev/null || echo 100)" '{sub(/.*\) /, ""); printf "%d", ($14 + $15) / t}' \
+      "/proc/$BASHPID/stat" >"$reports/$i.cpu" 2>/dev/null
+    date +%s >"$reports/$i.end"
+    echo "$rc" >"$reports/$i.rc"
   ) &
   while [ ! -s "$reports/$i.pid" ] && [ ! -f "$reports/$i.rc" ]; do sleep 0.1; done
   tier_pids[i]="$(cat "$reports/$i.pid" 2>/dev/null)"
@@ -245,8 +250,9 @@ start_tier() {
 
 # Tier I has ended: print its log whole and its summary line.
 finish_tier() {
-  local i="$1" tree="${tier_trees[$1]}" rc version="" counts status=ok where secs
-  rc="$(cat "$reports/$i.rc")"; secs=$(( $(date +%s) - tier_started[i] ))
+  local i="$1" tree="${tier_trees[$1]}" rc version="" counts status=ok where secs cpu
+  rc="$(cat "$reports/$i.rc")"; secs=$(( $(cat "$reports/$i.end") - tier_started[i] ))
+  cpu="$(cat "$reports/$i.cpu" 2>/dev/null)"; secs="$secs s${cpu:+, $cpu CPU-s}"
   tier_pids[i]=""
   tier_header "$i"
   cat "$reports/$i.log"
@@ -257,28 +263,35 @@ finish_tier() {
   if [ "$rc" -ne 0 ] && [ "$rc" -ne 5 ]; then status=FAILED; failed=1; fi
   where="(no ComfyUI)"
   if [ -n "$tree" ]; then version="$(tree_version "$tree")"; where="$tree, ComfyUI $version"; fi
-  echo "== ${tier_names[$i]} tier ended: $status, $secs s"
-  summary[i]="$(printf '%-12s %-7s %s: %s passed, %s failed, %s skipped (pytest exit %s, %s s)' \
+  echo "== ${tier_names[$i]} tier ended: $status, $secs"
+  summary[i]="$(printf '%-12s %-7s %s: %s passed, %s failed, %s skipped (pytest exit %s, %s)' \
                   "${tier_names[$i]}" "$status" "$where" "$n_pass" "$n_fail" "$n_skip" "$rc" "$secs")"
   if [ -n "$tree" ] && [ "$(tree_role "$version")" = "main target" ] && [ "${n_pass:-0}" -gt 0 ]; then
     ran_main_target=1
   fi
 }
 
-# Run the tiers, $DOJO_TEST_JOBS at a time (default: all at once; each pytest runs one thread, and the
-# tiers wait on servers and subprocesses often enough that more tiers than cores still pays).
-run_tiers() {
-  local n=${#tier_names[@]} jobs="${DOJO_TEST_JOBS:-${#tier_names[@]}}" next=0 running=0 i
-  [ "$jobs" -ge 1 ] 2>/dev/null || jobs=1
-  while [ "$next" -lt "$n" ] || [ "$running" -gt 0 ]; do
-    while [ "$next" -lt "$n" ] && [ "$running" -lt "$jobs" ]; do
-      start_tier "$next"; next=$((next + 1)); running=$((running + 1))
-    done
-    for ((i = 0; i < next; i++)); do
+# Start the tiers added so far, $DOJO_TEST_JOBS at a time at most (default: all at once: each pytest runs
+# one thread, and a tier often waits on a server or a subprocess, so more tiers than cores still pays).
+next_tier=0; running_tiers=0
+launch_tiers() {
+  local jobs="${DOJO_TEST_JOBS:-0}"
+  [ "$jobs" -ge 0 ] 2>/dev/null || jobs=0
+  while [ "$next_tier" -lt ${#tier_names[@]} ] && { [ "$jobs" = 0 ] || [ "$running_tiers" -lt "$jobs" ]; }; do
+    start_tier "$next_tier"; next_tier=$((next_tier + 1)); running_tiers=$((running_tiers + 1))
+  done
+}
+
+# Wait for every tier, printing each one's log as it ends and starting queued ones as slots free up.
+finish_tiers() {
+  local i
+  while [ "$next_tier" -lt ${#tier_names[@]} ] || [ "$running_tiers" -gt 0 ]; do
+    for ((i = 0; i < next_tier; i++)); do
       if [ -n "${tier_pids[i]}" ] && [ -f "$reports/$i.rc" ]; then
-        finish_tier "$i"; running=$((running - 1))
+        finish_tier "$i"; running_tiers=$((running_tiers - 1))
       fi
     done
+    launch_tiers
     sleep 1
   done
   wait
@@ -294,18 +307,20 @@ run_tests() {
     while IFS= read -r tree; do [ -n "$tree" ] && trees+=("$tree"); done < <(comfy_trees)
     if [ ${#trees[@]} -eq 0 ]; then
       echo "== integration tier: no ComfyUI tree at ${COMFYUI_PATH:-$HOME/ComfyUI} or ${COMFYUI_OLDEST_PATH:-$HOME/ComfyUI-0.8.0}"
-      summary+=("integration  NOT RUN no ComfyUI tree found (set COMFYUI_PATH / COMFYUI_OLDEST_PATH)")
+      not_run+=("integration  NOT RUN no ComfyUI tree found (set COMFYUI_PATH / COMFYUI_OLDEST_PATH)")
     fi
     for tree in "${trees[@]}"; do
-      # Each tree's own requirements (trees pin different frontend packages), before any tier starts.
+      # Each tree's own requirements (trees pin different frontend packages). The first tree's go into the
+      # venv itself, so nothing starts before they are in; further trees get overlays while tiers run.
       py="$(tree_python "$tree" "$first")" || { echo "dojo.sh: cannot make an environment for $tree" >&2; failed=1
-        summary+=("integration  FAILED  $tree: no environment for its requirements"); continue; }
+        not_run+=("integration  FAILED  $tree: no environment for its requirements"); continue; }
       add_tier integration "$tree" "$py" "$(printf '%s\n' "${integration_paths[@]}")"
       first=0
+      launch_tiers
     done
   fi
-  local not_run=("${summary[@]}"); summary=()
-  run_tiers
+  launch_tiers
+  finish_tiers
   echo "== summary"
   printf '%s\n' "${summary[@]}" "${not_run[@]}"
   if [ "${CI:-}" = "true" ] && [ "$ran_main_target" = 0 ]; then
