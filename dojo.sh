@@ -201,14 +201,16 @@ trap 'rm -rf "$reports"' EXIT
 # pytest for a tier. Tiers run as background jobs, which a script starts with SIGINT ignored; give it back
 # so that a Ctrl-C (forwarded by stop_tiers) ends a tier the way it ends pytest in a terminal, finalizers
 # (running servers, subprocesses) included.
+# The __main__ guard: ranks spawned by multiprocessing import this main module again.
 cat >"$reports/pytest_tier.py" <<'EOF'
 import signal
 import sys
 
-signal.signal(signal.SIGINT, signal.default_int_handler)
-import pytest  # noqa: E402
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    import pytest
 
-sys.exit(pytest.main())
+    sys.exit(pytest.main())
 EOF
 
 add_tier() { tier_names+=("$1"); tier_trees+=("$2"); tier_pythons+=("$3"); tier_paths+=("$4"); }
