@@ -94,17 +94,33 @@ for line in src.read_text().splitlines() + ["requests"]:
 (out / "requirements.txt").write_text("\n".join(rest) + "\n")
 (out / "constraints.txt").write_text(f"torch=={metadata.version('torch')}\n")
 (out / "missing").write_text("\n".join(missing))
+# torchvision / torchaudio, where the tree lists them: installed is not enough, they must import (a build
+# for another torch does not).
+listed = {Requirement(l.split("#", 1)[0].strip()).name.lower() for l in src.read_text().splitlines()
+          if l.split("#", 1)[0].strip() and not l.strip().startswith("-")}
+broken = []
+for lib in ("torchvision", "torchaudio"):
+    if lib in listed:
+        try:
+            __import__(lib)
+        except Exception:
+            broken.append(lib)
+(out / "missing_libs").write_text(" ".join(broken))
 EOF
   if [ -s "$tmp/missing" ]; then
     echo "dojo.sh: installing the requirements of ComfyUI $(tree_version "$tree") at $tree" \
          "into $(dirname "$(dirname "$py")") (torch kept)"
     quiet "$py" -m pip install -q -r "$tmp/requirements.txt" -c "$tmp/constraints.txt" || { rm -rf "$tmp"; return 1; }
   fi
-  local lib missing_libs=""
-  for lib in torchvision torchaudio; do
-    grep -qiE "^$lib([<>=~ ;]|$)" "$tree/requirements.txt" && ! "$py" -c "import $lib" 2>/dev/null \
-      && missing_libs="$missing_libs $lib"
-  done
+  local lib missing_libs
+  missing_libs="$(cat "$tmp/missing_libs")"
+  # Requirements just installed may have changed what imports: look again.
+  if [ -s "$tmp/missing" ] && [ -z "$missing_libs" ]; then
+    for lib in torchvision torchaudio; do
+      grep -qiE "^$lib([<>=~ ;]|$)" "$tree/requirements.txt" && ! "$py" -c "import $lib" 2>/dev/null \
+        && missing_libs="$missing_libs $lib"
+    done
+  fi
   if [ -n "$missing_libs" ]; then
     if [ -x "$comfy_helper" ]; then
       # This machine's CPU torch has no matching torchvision/torchaudio build in the registry; the team's
@@ -156,8 +172,18 @@ setup() {
   . "$venv/bin/activate"
   # torch first, pinned, so that nothing below can pull another (CUDA) build.
   python -c "import torch" 2>/dev/null || quiet pip install -q torch==2.13.0 || die "cannot install torch"
-  quiet pip install -q -e ".[test]" || die "cannot install the pack"
-  python -c "import comfyui_dojo, torch, peft, diffusers, av" >/dev/null || die "the pack does not import"
+  # The pack (editable, from this checkout) and its test extra: again only when pyproject.toml or the
+  # checkout changed since the last install into this venv (pip takes a while even with nothing to do).
+  local stamp="$venv/.dojo-pack-installed" want
+  want="$repo $(sha256sum pyproject.toml | cut -d' ' -f1)"
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    rm -f "$stamp"
+    quiet pip install -q -e ".[test]" || die "cannot install the pack"
+  fi
+  local where
+  where="$(python -c "import comfyui_dojo, torch, peft, diffusers, av, os; print(os.path.dirname(comfyui_dojo.__file__))")" \
+    || die "the pack does not import"
+  [ "$(echo "$where" | tail -1)" = "$repo" ] && echo "$want" >"$stamp"
 }
 
 # ---------------------------------------------------------------------------------------------- tests
