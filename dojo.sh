@@ -217,10 +217,13 @@ summary=(); not_run=(); failed=0; ran_main_target=0
 # The tiers, in summary order: name, tree ("" for none), Python, test paths (one a line).
 tier_names=(); tier_trees=(); tier_pythons=(); tier_paths=(); tier_pids=(); tier_started=()
 
-stop_tiers() {  # on Ctrl-C / TERM: stop the running tiers (SIGINT lets pytest run its finalizers)
-  local pid
+stop_tiers() {  # on Ctrl-C / TERM: stop the running tiers (SIGINT lets pytest run its finalizers), show their logs
+  local pid i
   for pid in "${tier_pids[@]}"; do [ -n "$pid" ] && kill -INT "$pid" 2>/dev/null; done
   wait
+  for ((i = 0; i < ${#tier_pids[@]}; i++)); do
+    [ -n "${tier_pids[i]}" ] && { tier_header "$i"; cat "$reports/$i.log"; echo "== ${tier_names[$i]} tier stopped"; }
+  done
 }
 trap 'stop_tiers; exit 130' INT TERM
 trap 'rm -rf "$reports"' EXIT
