@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import re
+import weakref
 from contextlib import contextmanager
 
 import torch
@@ -27,6 +28,9 @@ import comfy.utils
 import folder_paths  # noqa: F401  (re-exported for the file-handling nodes)
 from comfy_api.latest import ComfyExtension, io, ui  # noqa: F401  (re-exported)
 
+from ..training.families import FamilySpec
+from ..training.families import generic
+from ..training.families.generic import ComfyModelFacts
 from ..training.protocol import Family, NoiseSchedule, Prediction
 
 # ComfyUI's model configs (comfy.supported_models) -> the family Dojo trains. Subclasses count too
@@ -53,6 +57,40 @@ def model_family(model_patcher) -> Family:
             f"Dojo cannot train this MODEL: ComfyUI detected it as '{config_name}'. "
             f"Supported families: {supported}. Load one of those with ComfyUI's checkpoint or diffusion-model loader.")
     return family
+
+
+# --- generic mode: a spec built from the model for configs no family module claims ------------------
+
+_GENERIC_SPECS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def model_facts(model_patcher) -> ComfyModelFacts:
+    """What ComfyUI knows about a loaded model that generic mode needs (names for messages and files,
+    the latent layout). 0.8's latent formats do not say their downscale ratios: 8 (and 1) then."""
+    base = model_patcher.model
+    latent = base.latent_format
+    return ComfyModelFacts(
+        config_name=type(base.model_config).__name__, model_class=type(base).__name__,
+        network_class=type(base.diffusion_model).__name__, latent_channels=int(latent.latent_channels),
+        latent_dims=int(getattr(latent, "latent_dimensions", 2)),
+        spatial_scale=int(getattr(latent, "spacial_downscale_ratio", 8)),
+        temporal_scale=int(getattr(latent, "temporal_downscale_ratio", 1)))
+
+
+def generic_spec(model_patcher) -> FamilySpec:
+    """The generic-mode spec of a model no family module claims (training/families/generic.py), built
+    once per diffusion network (clones share it) and announced in the log when built."""
+    net = model_patcher.model.diffusion_model
+    spec = _GENERIC_SPECS.get(net)
+    if spec is None:
+        facts = model_facts(model_patcher)
+        try:
+            spec = generic.build_spec(net, facts)
+        except generic.GenericModelError as e:
+            raise UnsupportedModelError(str(e)) from e
+        logging.getLogger("comfyui-dojo").info(generic.describe(spec, facts, net))
+        _GENERIC_SPECS[net] = spec
+    return spec
 
 
 def noise_schedule(model_patcher) -> NoiseSchedule:
