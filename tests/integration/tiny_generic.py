@@ -7,6 +7,7 @@ Import only after the `comfy` fixture has booted ComfyUI.
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from pathlib import Path
 
@@ -29,13 +30,34 @@ SD3_TINY = dict(
 # LTX-Video: detection fixes 32 heads and reads the head width from attn2.to_k; text width 4096 (T5-XXL).
 LTXV_TINY = dict(image_model="ltxv", num_layers=2, attention_head_dim=4, cross_attention_dim=128,
                  in_channels=128, caption_channels=4096)
+# HunyuanVideo 1.5 (the T2V transformer): HunyuanVideo's network with 32-channel latents (65 input channels:
+# noise, the image-conditioning latent and its mask), patch 1, a Qwen2.5-VL context (3584) and the byT5
+# glyph mapper, no pooled vector, no guidance embedding, and the 1.5 modules (vision_in of SigLIP width
+# 1152, which detection requires, cond-type embedding). Detection reads 128-wide heads: hidden 256 = 2.
+HUNYUAN_VIDEO_15_TINY = dict(
+    image_model="hunyuan_video", in_channels=65, out_channels=32, patch_size=[1, 1, 1], vec_in_dim=None,
+    axes_dim=[16, 56, 56], meanflow=False, context_in_dim=3584, hidden_size=256, mlp_ratio=4.0, num_heads=2,
+    depth=2, depth_single_blocks=0, theta=256, qkv_bias=True, byt5=True, guidance_embed=False,
+    use_cond_type_embedding=True, vision_in_dim=1152, meanflow_sum=True,
+)
+# Chroma's detection pins its modulation approximator (64 -> 5120 x 5 layers -> 3072), so the smallest
+# detectable Chroma is Flux-sized (hidden 3072, ~0.8 G params with one block of each kind): routine tests
+# build ComfyUI's Chroma in process with this config instead, and detection is checked on the meta device.
+CHROMA_TINY = dict(
+    image_model="chroma", in_channels=64, out_channels=64, context_in_dim=4096, hidden_size=64, mlp_ratio=4.0,
+    num_heads=2, depth=2, depth_single_blocks=2, axes_dim=[4, 14, 14], theta=10000, patch_size=2, qkv_bias=True,
+    in_dim=64, out_dim=64, hidden_dim=128, n_layers=2, txt_ids_dims=[], vec_in_dim=None,
+)
 SD3_UNET = ("diffusion_models", "tiny_sd3_mmdit.safetensors")
 LTXV_UNET = ("diffusion_models", "tiny_ltxv.safetensors")
+HUNYUAN_VIDEO_15_UNET = ("diffusion_models", "tiny_hunyuan_video_15.safetensors")
 
 # (latent shape of one sample, text width, pooled width or None) that each stand-in trains on.
 GENERIC_SHAPES = {
     "sd3": ((16, 16, 16), 4096, 2048),
     "ltxv": ((128, 2, 4, 4), 4096, None),
+    "hunyuan_video_15": ((32, 2, 4, 4), 3584, None),
+    "chroma": ((16, 8, 8), 4096, None),
 }
 
 
@@ -76,6 +98,50 @@ def write_tiny_ltxv(path: Path, seed: int = 22) -> Path:
     """An LTX-Video transformer (2 blocks, 32 heads of 4, ~1.2 M params) that UNETLoader detects as LTXV."""
     net = _diffusion_model("LTXV", LTXV_TINY, seed)
     return tiny_files._save(net.state_dict(), path)
+
+
+def _hunyuan_config(config: dict) -> dict:
+    import comfy.ldm.hunyuan_video.model as hv
+    import dataclasses
+    known = {f.name for f in dataclasses.fields(hv.HunyuanVideoParams)} | {"image_model"}
+    return {k: v for k, v in config.items() if k in known}
+
+
+def write_tiny_hunyuan_video_15(path: Path, seed: int = 23) -> Path:
+    """A HunyuanVideo 1.5 transformer (2 double blocks, hidden 256, ~18 M params, most of it the byT5 mapper
+    and the 3584-wide text input) that UNETLoader detects as HunyuanVideo15."""
+    net = _diffusion_model("HunyuanVideo15", _hunyuan_config(HUNYUAN_VIDEO_15_TINY), seed)
+    return tiny_files._save(net.state_dict(), path)
+
+
+def build_tiny_chroma(seed: int = 24):
+    """ComfyUI's Chroma (comfy.model_base.Chroma, config comfy.supported_models.Chroma) with a tiny config
+    (hidden 64, 2 double + 2 single blocks, T5-wide context), in a ModelPatcher; built in process."""
+    import comfy.supported_models
+    from inprocess_models import patcher_for
+    return patcher_for(comfy.supported_models.Chroma(dict(CHROMA_TINY)), seed)
+
+
+def detectable_chroma_config_name() -> str:
+    """The ComfyUI config that detection picks for a full-width Chroma state dict (hidden 3072, one double and
+    one single block, the pinned approximator), built on the meta device: no weights are made or written."""
+    import comfy.ldm.chroma.model as chroma
+    import comfy.model_detection
+    import comfy.ops
+    config = dict(CHROMA_TINY, hidden_size=3072, num_heads=24, axes_dim=[16, 56, 56], depth=1, depth_single_blocks=1,
+                  out_dim=3072, hidden_dim=5120, n_layers=5)
+    config.pop("image_model")
+    known = {f.name for f in dataclasses.fields(chroma.ChromaParams)}
+    net = chroma.Chroma(**{k: v for k, v in config.items() if k in known}, device="meta",
+                        operations=comfy.ops.disable_weight_init)
+    state = net.state_dict()
+    unet_config = comfy.model_detection.detect_unet_config(state, "")
+    found = comfy.model_detection.model_config_from_unet_config(unet_config, state)
+    return type(found).__name__ if found is not None else ""
+
+
+def provide_tiny_hunyuan_video_15(base: Path) -> str:
+    return tiny_files.provide(base, HUNYUAN_VIDEO_15_UNET, write_tiny_hunyuan_video_15, BUILDER_MODULES)
 
 
 def provide_tiny_sd3(base: Path) -> str:
