@@ -5,6 +5,7 @@ this module, never from ComfyUI directly.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -91,6 +92,14 @@ def generic_spec(model_patcher) -> FamilySpec:
         logging.getLogger("comfyui-dojo").info(generic.describe(spec, facts, net))
         _GENERIC_SPECS[net] = spec
     return spec
+
+
+def generic_failures(model_patcher, spec: FamilySpec):
+    """Around a generic-mode run: an autograd failure (the model cannot be run backward as ComfyUI runs
+    it) becomes a GenericModelError naming the model. Nothing for a family with a module."""
+    if not spec.generic:
+        return contextlib.nullcontext()
+    return generic.backward_failures_named(model_facts(model_patcher))
 
 
 def noise_schedule(model_patcher) -> NoiseSchedule:

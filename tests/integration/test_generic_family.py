@@ -328,3 +328,24 @@ def test_unprotected_backward_shows_which_blocks_write_in_place(dojo, float64_ad
     else:
         got = grads_in(dojo, patcher, kind, spec, plain)
         assert max(((got[b] - r).abs().max() / r.abs().max()).item() for b, r in float64_reference.items()) < 1e-10
+
+
+def test_model_that_cannot_run_backward_is_refused_naming_its_class(comfy, dojo, unet_files):
+    """A model ComfyUI runs without gradients: an object patch (ComfyUI's mechanism for custom nodes that
+    swap a part of the model) puts the SD3's final layer under no_grad, so nothing before it can learn."""
+    patcher = load(comfy, unet_files, "sd3")
+    final = patcher.model.diffusion_model.final_layer
+
+    class NoGrad(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args, **kwargs):
+            with torch.no_grad():
+                return self.inner(*args, **kwargs)
+
+    patcher.add_object_patch("diffusion_model.final_layer", NoGrad(final))
+    with pytest.raises(dojo.generic.GenericModelError, match=r"'SD3'.*OpenAISignatureMMDITWrapper.*cannot run backward"):
+        dojo.lora_training.train_lora(patcher, encoded(dojo, "sd3"), job(dojo, steps=2))
+    assert patcher.model.diffusion_model.final_layer is final  # ComfyUI's unpatch put the layer back
