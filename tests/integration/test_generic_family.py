@@ -348,4 +348,3 @@ def test_model_that_cannot_run_backward_is_refused_naming_its_class(comfy, dojo,
     patcher.add_object_patch("diffusion_model.final_layer", NoGrad(final))
     with pytest.raises(dojo.generic.GenericModelError, match=r"'SD3'.*OpenAISignatureMMDITWrapper.*cannot run backward"):
         dojo.lora_training.train_lora(patcher, encoded(dojo, "sd3"), job(dojo, steps=2))
-    assert patcher.model.diffusion_model.final_layer is final  # ComfyUI's unpatch put the layer back
