@@ -236,7 +236,9 @@ def network_loss(patcher, kind, seed=1):
         pooled_output=None if pooled is None else torch.randn(2, pooled, generator=g, dtype=torch.float64), **extra)
     kwargs = {k: c.process_cond(batch_size=2, area=None).cond for k, c in conds.items()}
     context = kwargs.pop("c_crossattn")
-    out = patcher.model.diffusion_model(x, torch.tensor([300.0, 700.0], dtype=torch.float64), context=context,
+    if "c_concat" in kwargs:  # image-conditioning channels, as BaseModel._apply_model appends them
+        x = torch.cat([x, kwargs.pop("c_concat").to(x.dtype)], dim=1)
+    out = patcher.model.diffusion_model(x, torch.tensor([0.3, 0.7], dtype=torch.float64), context=context,
                                         transformer_options={}, **kwargs)
     return (out ** 2).mean()
 
@@ -251,22 +253,27 @@ def block_grads(net, spec):
     return {b: torch.cat(g) for b, g in grads.items()}
 
 
-@pytest.fixture(scope="module", params=KINDS)
-def float64_adapted(request, comfy, dojo, unet_files):
-    """A float64 copy of a stand-in with an all-linear LoRA whose halves are both random (so every factor
-    gets a gradient)."""
-    kind = request.param
-    patcher = load(comfy, unet_files, kind)
+def float64_adapter(dojo, patcher):
+    """Make the stand-in's network float64 and put an all-linear LoRA on it whose halves are both random (so
+    every factor gets a gradient). Returns (spec, adapter); detach the adapter when done."""
     net = patcher.model.diffusion_model
     dojo.comfy_compat.materialize_inference_tensors(net)
     net.to(torch.float64)
-    spec = dojo.comfy_compat.generic_spec(patcher)
+    spec = dojo.comfy_compat.model_spec(patcher)
     modules = dojo.protocol.select_linears(net, spec.targets[dojo.protocol.TargetPreset.ALL_LINEAR])
     adapter = dojo.adapters.attach_adapter(net, modules, dojo.adapters.AdapterConfig(rank=2, alpha=2), seed=3)
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for p in adapter.parameters():
             p.data = torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.2
+    return spec, adapter
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def float64_adapted(request, comfy, dojo, unet_files):
+    kind = request.param
+    patcher = load(comfy, unet_files, kind)
+    spec, adapter = float64_adapter(dojo, patcher)
     yield kind, patcher, spec
     adapter.detach()
 
