@@ -1,0 +1,109 @@
+"""Chroma and HunyuanVideo 1.5 as first-class families (issue 18): detected from ComfyUI's model config, their
+own spec (Chroma reuses Flux's pieces, HunyuanVideo 1.5 HunyuanVideo's), training learns, the base stays
+bit-identical, gradients equal a float64 out-of-place reference per block, strength 0 is exact and the file
+loads in ComfyUI's LoraLoaderModelOnly with no unloaded key. Stand-ins: tiny_generic.py (HunyuanVideo 1.5 as a
+file UNETLoader detects; Chroma in process, since its smallest detectable file is Flux-sized, and its
+detection checked on the meta device)."""
+import logging
+
+import pytest
+import torch
+
+import tiny_generic
+from test_generic_family import (block_grads, dojo, encoded, fixed_loss, float64_adapter, grads_in,  # noqa: F401
+                                 job, lora_loader_model_only, outputs, save_lora)
+
+pytestmark = pytest.mark.integration
+
+KINDS = ("chroma", "hunyuan_video_15")
+
+
+@pytest.fixture(scope="module")
+def hv15_file(comfy):
+    return tiny_generic.provide_tiny_hunyuan_video_15(comfy.base)
+
+
+def load(comfy, hv15_file, kind):
+    if kind == "chroma":
+        return tiny_generic.build_tiny_chroma()
+    return tiny_generic.load_unet(comfy.base, hv15_file)
+
+
+def test_detected_as_their_families(comfy, dojo, hv15_file):
+    F = dojo.protocol.Family
+    assert tiny_generic.detectable_chroma_config_name() == "Chroma"
+    chroma = dojo.comfy_compat.model_spec(load(comfy, hv15_file, "chroma"))
+    hv15_patcher = load(comfy, hv15_file, "hunyuan_video_15")
+    assert type(hv15_patcher.model.model_config).__name__ == "HunyuanVideo15"
+    hv15 = dojo.comfy_compat.model_spec(hv15_patcher)
+    assert (chroma.family, hv15.family) == (F.CHROMA, F.HUNYUAN_VIDEO_15)
+    assert not chroma.generic and not hv15.generic
+    # Reused pieces: Chroma is Flux's blocks and file layout; HunyuanVideo 1.5 is HunyuanVideo's.
+    flux, hv = dojo.families.spec(F.FLUX), dojo.families.spec(F.HUNYUAN_VIDEO)
+    assert chroma.block_lists == flux.block_lists and chroma.lora_layout == flux.lora_layout
+    assert hv15.block_lists == hv.block_lists and hv15.lora_layout == hv.lora_layout
+    assert hv15.video and hv15.frames_rule == "4k+1" and hv15.vae_time_scale == 4 and hv15.vae_scale == 16
+    assert not chroma.video and chroma.sample_cfg > 1  # Chroma is not guidance-distilled
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_lora_learns_keeps_the_base_and_loads_in_comfyui(comfy, dojo, hv15_file, kind, caplog):
+    patcher = load(comfy, hv15_file, kind)
+    data = encoded(dojo, kind)
+    base = outputs(dojo, patcher, kind)
+    before = fixed_loss(dojo, patcher, data)
+    with caplog.at_level(logging.INFO, logger="comfyui-dojo"):
+        result = dojo.lora_training.train_lora(patcher, data, job(dojo, steps=30, gradient_checkpointing=True))
+    assert result.steps_done == 30 and not result.cancelled
+    assert not any("generic mode" in r.getMessage() for r in caplog.records)
+    assert torch.equal(outputs(dojo, patcher, kind), base)
+
+    lora = result.lora
+    assert lora.metadata["dojo_family"] == kind
+    down = ".lora_down.weight" if kind == "chroma" else ".lora_A.weight"
+    prefix = "lora_unet_" if kind == "chroma" else "diffusion_model."
+    assert all(k.startswith(prefix) for k in lora)
+    modules = sum(k.endswith(down) for k in lora)
+    assert modules > 0
+    name = save_lora(comfy, lora, f"dojo_{kind}.safetensors")
+    adapted, unloaded = lora_loader_model_only(dojo, patcher, name, 1.0)
+    assert unloaded == [] and len(adapted.patches) == modules
+    after = fixed_loss(dojo, adapted, data)
+    assert after < 0.85 * before, (before, after, result.losses[:3], result.losses[-3:])
+    zero, unloaded = lora_loader_model_only(dojo, patcher, name, 0.0)
+    assert unloaded == [] and torch.equal(outputs(dojo, zero, kind), base)
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def float64_adapted(request, comfy, dojo, hv15_file):
+    kind = request.param
+    patcher = load(comfy, hv15_file, kind)
+    spec, adapter = float64_adapter(dojo, patcher)
+    yield kind, patcher, spec
+    adapter.detach()
+
+
+@pytest.fixture(scope="module")
+def float64_reference(dojo, float64_adapted):
+    kind, patcher, spec = float64_adapted
+    subs = dojo.comfy_compat.training_substitutions()
+    ref = grads_in(dojo, patcher, kind, spec, dojo.grad_safety.clone_all_saved_tensors(subs))
+    assert len(ref) == sum(len(patcher.model.diffusion_model.get_submodule(b)) for b in spec.block_lists)
+    assert all(g.abs().max() > 0 for g in ref.values())
+    return ref
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_gradients_match_float64_reference_per_block(dojo, float64_adapted, float64_reference, checkpointing):
+    kind, patcher, spec = float64_adapted
+    got = grads_in(dojo, patcher, kind, spec, dojo.grad_protection.training_region(patcher, checkpointing, spec=spec))
+    errors = {b: ((got[b] - r).abs().max() / r.abs().max()).item() for b, r in float64_reference.items()}
+    assert max(errors.values()) < 1e-4, errors
+
+
+def test_unprotected_backward_raises(dojo, float64_adapted):
+    """Both reuse Flux's block classes, which add residuals in place: protection is needed."""
+    kind, patcher, spec = float64_adapted
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        grads_in(dojo, patcher, kind, spec, dojo.grad_safety.op_substitutions(
+            dojo.comfy_compat.training_substitutions()))
