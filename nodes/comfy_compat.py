@@ -65,13 +65,18 @@ def model_family(model_patcher) -> Family:
 _GENERIC_SPECS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
+def config_name(model_patcher) -> str:
+    """The comfy.supported_models class ComfyUI detected the model as ("SD3", "LTXV", "Flux", ...)."""
+    return type(model_patcher.model.model_config).__name__
+
+
 def model_facts(model_patcher) -> ComfyModelFacts:
     """What ComfyUI knows about a loaded model that generic mode needs (names for messages and files,
     the latent layout). 0.8's latent formats do not say their downscale ratios: 8 (and 1) then."""
     base = model_patcher.model
     latent = base.latent_format
     return ComfyModelFacts(
-        config_name=type(base.model_config).__name__, model_class=type(base).__name__,
+        config_name=config_name(model_patcher), model_class=type(base).__name__,
         network_class=type(base.diffusion_model).__name__, latent_channels=int(latent.latent_channels),
         latent_dims=int(getattr(latent, "latent_dimensions", 2)),
         spatial_scale=int(getattr(latent, "spacial_downscale_ratio", 8)),
