@@ -29,35 +29,26 @@ import comfy.utils
 import folder_paths  # noqa: F401  (re-exported for the file-handling nodes)
 from comfy_api.latest import ComfyExtension, io, ui  # noqa: F401  (re-exported)
 
-from ..training.families import FamilySpec
-from ..training.families import generic
+from ..training import families
+from ..training.families import FamilyLike, FamilySpec, generic
 from ..training.families.generic import ComfyModelFacts
 from ..training.protocol import Family, NoiseSchedule, Prediction
-
-# ComfyUI's model configs (comfy.supported_models) -> the family Dojo trains. Subclasses count too
-# (SDXL refiners etc. are not listed because their conditioning differs and they are not supported).
-_FAMILY_BY_CONFIG = {
-    "SD15": Family.SD15,
-    "SDXL": Family.SDXL,
-    "Flux": Family.FLUX,
-    "FluxSchnell": Family.FLUX,
-    "HunyuanVideo": Family.HUNYUAN_VIDEO,
-}
 
 
 class UnsupportedModelError(ValueError):
     pass
 
 
+def model_spec(model_patcher) -> FamilySpec:
+    """The family spec of a MODEL: the registered family whose ComfyUI model config (comfy.supported_models
+    class, by exact name) it is. This is the one place a MODEL is told apart; a model no family claims
+    is where generic mode (training/families/generic.py) hooks in."""
+    spec = families.spec_for_config(config_name(model_patcher))
+    return spec if spec is not None else generic_spec(model_patcher)
+
+
 def model_family(model_patcher) -> Family:
-    config_name = type(model_patcher.model.model_config).__name__
-    family = _FAMILY_BY_CONFIG.get(config_name)
-    if family is None:
-        supported = ", ".join(sorted({f.value for f in _FAMILY_BY_CONFIG.values()}))
-        raise UnsupportedModelError(
-            f"Dojo cannot train this MODEL: ComfyUI detected it as '{config_name}'. "
-            f"Supported families: {supported}. Load one of those with ComfyUI's checkpoint or diffusion-model loader.")
-    return family
+    return model_spec(model_patcher).family
 
 
 # --- generic mode: a spec built from the model for configs no family module claims ------------------
@@ -65,15 +56,20 @@ def model_family(model_patcher) -> Family:
 _GENERIC_SPECS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
+def _base_model(model):
+    """ComfyUI's BaseModel of a ModelPatcher (or the BaseModel itself)."""
+    return model.model if hasattr(model, "model_options") else model
+
+
 def config_name(model_patcher) -> str:
     """The comfy.supported_models class ComfyUI detected the model as ("SD3", "LTXV", "Flux", ...)."""
-    return type(model_patcher.model.model_config).__name__
+    return type(_base_model(model_patcher).model_config).__name__
 
 
 def model_facts(model_patcher) -> ComfyModelFacts:
     """What ComfyUI knows about a loaded model that generic mode needs (names for messages and files,
     the latent layout). 0.8's latent formats do not say their downscale ratios: 8 (and 1) then."""
-    base = model_patcher.model
+    base = _base_model(model_patcher)
     latent = base.latent_format
     return ComfyModelFacts(
         config_name=config_name(model_patcher), model_class=type(base).__name__,
@@ -86,7 +82,7 @@ def model_facts(model_patcher) -> ComfyModelFacts:
 def generic_spec(model_patcher) -> FamilySpec:
     """The generic-mode spec of a model no family module claims (training/families/generic.py), built
     once per diffusion network (clones share it) and announced in the log when built."""
-    net = model_patcher.model.diffusion_model
+    net = _base_model(model_patcher).diffusion_model
     spec = _GENERIC_SPECS.get(net)
     if spec is None:
         facts = model_facts(model_patcher)
@@ -121,7 +117,9 @@ def noise_schedule(model_patcher) -> NoiseSchedule:
     elif isinstance(sampling, comfy.model_sampling.EPS):
         prediction = Prediction.EPSILON
     else:
-        raise UnsupportedModelError(f"Dojo cannot train a model whose sampling is {type(sampling).__name__}.")
+        raise UnsupportedModelError(f"Dojo cannot train ComfyUI's '{config_name(model_patcher)}' model (class "
+                                    f"{type(model_patcher.model).__name__}): its sampling is "
+                                    f"{type(sampling).__name__}, not eps, v or flow prediction.")
     sigmas = sampling.sigmas.detach().to("cpu", torch.float64)
     return NoiseSchedule(prediction, alphas_cumprod=1.0 / (1.0 + sigmas ** 2))
 
@@ -200,19 +198,17 @@ def materialize_inference_tensors(module: torch.nn.Module) -> int:
     return replaced
 
 
-FAMILY_LABELS = {Family.SD15: "SD1.5", Family.SDXL: "SDXL", Family.FLUX: "Flux", Family.HUNYUAN_VIDEO: "HunyuanVideo"}
-
-
-def check_latents_fit(model_patcher, family: Family, latent: torch.Tensor) -> None:
+def check_latents_fit(model_patcher, family: FamilyLike, latent: torch.Tensor) -> None:
     """Refuse latents (one sample, no batch dimension) made by another family's VAE, in words, before a
     torch shape error deep in the model could say it less clearly."""
+    spec = families.as_spec(family)
     want = model_patcher.model.latent_format.latent_channels
-    video = family is Family.HUNYUAN_VIDEO
+    video = spec.video
     want_dims = 4 if video else 3   # [C, T, H, W] for video models, [C, H, W] for image models
     if latent.shape[0] == want and latent.ndim == want_dims:
         return
     made = f"a {latent.shape[0]}-channel {'video' if latent.ndim == 4 else 'image'} VAE"
-    raise ValueError(f"these latents come from {made}; this {FAMILY_LABELS.get(family, family.value)} model needs "
+    raise ValueError(f"these latents come from {made}; this {spec.label} model needs "
                      f"its own {want}-channel {'video ' if video else ''}VAE: encode the dataset (Dojo Encode Dataset) "
                      "with the VAE that belongs to the model you train")
 
@@ -691,13 +687,17 @@ SAMPLER_NAMES = list(comfy.samplers.KSampler.SAMPLERS)
 SCHEDULER_NAMES = list(comfy.samplers.KSampler.SCHEDULERS)
 
 
-def empty_latent(model_patcher, width: int, height: int, frames: int = 1) -> torch.Tensor:
+def empty_latent(model_patcher, width: int, height: int, frames: int = 1,
+                 spec: FamilySpec | None = None) -> torch.Tensor:
     """An empty latent for the model, as EmptyLatentImage / EmptySD3LatentImage / EmptyHunyuanLatentVideo
-    make them: [1, C, H/8, W/8], or [1, C, 1 + (frames - 1) / 4, H/8, W/8] for HunyuanVideo."""
+    make them: [1, C, H/8, W/8], or for a video family [1, C, 1 + (frames - 1) / time scale, H/8, W/8]."""
+    spec = spec or model_spec(model_patcher)
     channels = model_patcher.get_model_object("latent_format").latent_channels
-    if model_family(model_patcher) is Family.HUNYUAN_VIDEO:
-        return torch.zeros([1, channels, (max(1, frames) - 1) // 4 + 1, height // 8, width // 8])
-    return torch.zeros([1, channels, height // 8, width // 8])
+    scale = spec.vae_scale
+    if spec.video:
+        return torch.zeros([1, channels, (max(1, frames) - 1) // spec.vae_time_scale + 1, height // scale,
+                            width // scale])
+    return torch.zeros([1, channels, height // scale, width // scale])
 
 
 def ksample(model_patcher, positive, negative, latent: torch.Tensor, seed: int, steps: int, cfg: float,
