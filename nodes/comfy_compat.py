@@ -19,7 +19,6 @@ import torch
 import comfy.model_base
 import comfy.model_management
 import comfy.model_sampling
-import comfy.patcher_extension
 import comfy.sample
 import comfy.samplers
 import comfy.sd
@@ -149,18 +148,22 @@ def model_kwargs(base_model, noisy: torch.Tensor, context, pooled, extra: dict) 
     return {name: cond.process_cond(batch_size=batch, area=None).cond for name, cond in conds.items()}
 
 
-def raw_output_capture():
-    """A diffusion-model wrapper that records the network's raw output (before ComfyUI turns it into
-    a denoised x0), and the transformer_options that install it for one call."""
+@contextmanager
+def raw_output_capture(base_model):
+    """Record the network's raw output (before ComfyUI turns it into a denoised x0) for the calls made
+    inside the block: a forward hook on the diffusion network, removed on exit. A diffusion-model wrapper
+    would not do: only some networks (Flux, HunyuanVideo, ...) run ComfyUI's wrappers, SD3's MMDiT and
+    others do not, and generic mode must see every network's output."""
     captured = {}
 
-    def wrapper(executor, *args, **kwargs):
-        out = executor(*args, **kwargs)
-        captured["output"] = out
-        return out
+    def hook(module, args, output):
+        captured["output"] = output
 
-    options = {"wrappers": {comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL: {"dojo_capture": [wrapper]}}}
-    return captured, options
+    handle = base_model.diffusion_model.register_forward_hook(hook)
+    try:
+        yield captured
+    finally:
+        handle.remove()
 
 
 # --- training on a MODEL --------------------------------------------------------------------------
