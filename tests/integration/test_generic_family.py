@@ -343,3 +343,26 @@ def test_model_that_cannot_run_backward_is_refused_naming_its_class(comfy, dojo,
     patcher.add_object_patch("diffusion_model.final_layer", NoGrad(final))
     with pytest.raises(dojo.generic.GenericModelError, match=r"'SD3'.*OpenAISignatureMMDITWrapper.*cannot run backward"):
         dojo.lora_training.train_lora(patcher, encoded(dojo, "sd3"), job(dojo, steps=2))
+
+
+def test_train_lora_node_runs_generic_mode_with_its_defaults(comfy, dojo, unet_files):
+    """The node users drop in, with every widget on auto (memory plan included): the generic recipe, the
+    model's own flow shift, and a file in ComfyUI's generic layout."""
+    import importlib
+    pack = sys.modules[comfy.pack_module_name()].__name__
+    train_lora = importlib.import_module(f"{pack}.nodes.train_lora")
+    patcher = load(comfy, unet_files, "ltxv")
+    view = dojo.comfy_model.ComfyDenoisingModel(patcher)
+    auto = train_lora.resolve_auto_settings(view)
+    assert (auto.rank, auto.learning_rate, auto.targets) == (16, 1e-4, dojo.protocol.TargetPreset.ATTENTION_MLP)
+    assert view.schedule.is_flow and auto.shift == view.schedule.shift > 1  # LTXV samples with a shift
+    settings = dict(steps=2, batch_size=2, grad_accumulation=1, learning_rate=0.0, rank=0, alpha=0.0,
+                    adapter="lora", targets="auto", optimizer="adamw", lr_schedule="constant", warmup_steps=0,
+                    timestep_sampling="auto", shift=0.0, min_snr_gamma=0.0, noise_offset=0.0,
+                    gradient_checkpointing="auto", precision="fp32", seed=3, checkpoint_every=0,
+                    run_name="generic_ltxv")
+    lora, history = train_lora.DojoTrainLoRA.execute(patcher, encoded(dojo, "ltxv"), **settings).result[:2]
+    assert len(history["loss"]) == 2
+    assert lora.metadata["dojo_family"] == "generic" and lora.metadata["dojo_comfy_config"] == "LTXV"
+    assert lora and all(k.startswith("diffusion_model.transformer_blocks.") for k in lora)
+    assert all(v.shape[0] == 16 for k, v in lora.items() if k.endswith(".lora_down.weight"))
