@@ -12,6 +12,7 @@ import torch
 import tiny_generic
 from test_generic_family import (block_grads, dojo, encoded, fixed_loss, float64_adapter, grads_in,  # noqa: F401
                                  job, lora_loader_model_only, outputs, save_lora)
+from test_lora_diffusers_roundtrip import from_comfy_key_map, run_roundtrip
 
 pytestmark = pytest.mark.integration
 
@@ -107,3 +108,72 @@ def test_unprotected_backward_raises(dojo, float64_adapted):
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         grads_in(dojo, patcher, kind, spec, dojo.grad_safety.op_substitutions(
             dojo.comfy_compat.training_substitutions()))
+
+
+# --- Chroma in diffusers -------------------------------------------------------------------------------
+# diffusers' ChromaPipeline loads LoRAs with FluxLoraLoaderMixin, whose kohya converter turns Dojo's
+# `lora_unet_<BFL path>` keys into ChromaTransformer2DModel's names. Like Flux's tiny stand-in, the single
+# blocks' fused linear1 is left out: diffusers' converter splits it at the real width only
+# (test_lora_diffusers_roundtrip covers that split for Flux's, which Chroma shares).
+
+class Chroma:
+    name = "chroma"
+
+    @staticmethod
+    def comfy_patcher():
+        return tiny_generic.build_tiny_chroma(seed=3)
+
+    @staticmethod
+    def diffusers_model(patcher):
+        import comfy.utils
+        from diffusers import ChromaTransformer2DModel
+        c = tiny_generic.CHROMA_TINY
+        with torch.device("meta"):
+            model = ChromaTransformer2DModel(
+                patch_size=1, in_channels=c["in_channels"], num_layers=c["depth"],
+                num_single_layers=c["depth_single_blocks"], attention_head_dim=c["hidden_size"] // c["num_heads"],
+                num_attention_heads=c["num_heads"], joint_attention_dim=c["context_in_dim"],
+                axes_dims_rope=tuple(c["axes_dim"]), approximator_num_channels=c["in_dim"],
+                approximator_hidden_dim=c["hidden_dim"], approximator_layers=c["n_layers"])
+        key_map = comfy.utils.flux_to_diffusers({"depth": c["depth"], "depth_single_blocks": c["depth_single_blocks"],
+                                                 "hidden_size": c["hidden_size"]})
+        comfy_sd = patcher.model.diffusion_model.state_dict()
+        state = from_comfy_key_map(comfy_sd, key_map)
+        # Chroma's modulation approximator: the same layers, diffusers' names for its MLPs.
+        for k, v in comfy_sd.items():
+            if k.startswith("distilled_guidance_layer."):
+                state[k.replace(".in_layer.", ".linear_1.").replace(".out_layer.", ".linear_2.")] = v
+        return model, state
+
+    @staticmethod
+    def inputs(batch=2):
+        g = torch.Generator().manual_seed(11)
+        return dict(x=torch.randn(batch, 16, 8, 8, generator=g), t=torch.tensor([0.3, 0.8][:batch]),
+                    context=torch.randn(batch, 7, tiny_generic.CHROMA_TINY["context_in_dim"], generator=g))
+
+    @staticmethod
+    def comfy_forward(net, i):
+        # Chroma trains and samples at guidance 0 (ComfyUI's Chroma.extra_conds default; diffusers fixes it).
+        return net(i["x"], i["t"], i["context"], guidance=torch.zeros(i["x"].shape[0]))
+
+    @staticmethod
+    def diffusers_forward(model, i):
+        b, c, h, w = i["x"].shape
+        packed = i["x"].view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w // 4, c * 4)
+        img_ids = torch.zeros(h // 2, w // 2, 3)
+        img_ids[..., 1] = torch.arange(h // 2)[:, None]
+        img_ids[..., 2] = torch.arange(w // 2)[None, :]
+        out = model(hidden_states=packed, timestep=i["t"], encoder_hidden_states=i["context"],
+                    txt_ids=torch.zeros(i["context"].shape[1], 3), img_ids=img_ids.reshape(-1, 3)).sample
+        return out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+    @staticmethod
+    def pipeline(model):
+        from diffusers import ChromaPipeline
+        return ChromaPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, transformer=model)
+
+
+@pytest.mark.parametrize("preset", ["attention", "attention_mlp", "all_linear"])
+def test_chroma_lora_matches_in_diffusers(comfy, dojo, tmp_path, preset):
+    modules = run_roundtrip(dojo, Chroma, preset, tmp_path, skip=lambda name: name.endswith(".linear1"))
+    assert any(n.startswith("double_blocks.") for n in modules) and any(n.startswith("single_blocks.") for n in modules)

@@ -20,7 +20,8 @@ def dojo(comfy):
     pack = sys.modules[comfy.pack_module_name()].__name__
     names = ("nodes.comfy_compat", "nodes.comfy_model", "nodes.lora_training", "nodes.lora_nodes",
              "nodes.grad_protection", "training.families", "training.families.generic", "training.protocol",
-             "training.batches", "training.encoded", "training.adapters", "training.loop", "training.grad_safety")
+             "training.batches", "training.encoded", "training.adapters", "training.loop", "training.grad_safety",
+             "training.lora_formats")
     mods = {name: importlib.import_module(f"{pack}.{name}") for name in names}
     return type("Dojo", (), {k.split(".")[-1]: v for k, v in mods.items()})
 
