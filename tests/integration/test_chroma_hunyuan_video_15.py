@@ -121,20 +121,20 @@ class Chroma:
 
     @staticmethod
     def comfy_patcher():
-        return tiny_generic.build_tiny_chroma(seed=3)
+        return tiny_generic.build_tiny_chroma(seed=3, **tiny_generic.CHROMA_REAL_DEPTHS)
 
     @staticmethod
     def diffusers_model(patcher):
         import comfy.utils
         from diffusers import ChromaTransformer2DModel
-        c = tiny_generic.CHROMA_TINY
-        with torch.device("meta"):
-            model = ChromaTransformer2DModel(
-                patch_size=1, in_channels=c["in_channels"], num_layers=c["depth"],
-                num_single_layers=c["depth_single_blocks"], attention_head_dim=c["hidden_size"] // c["num_heads"],
-                num_attention_heads=c["num_heads"], joint_attention_dim=c["context_in_dim"],
-                axes_dims_rope=tuple(c["axes_dim"]), approximator_num_channels=c["in_dim"],
-                approximator_hidden_dim=c["hidden_dim"], approximator_layers=c["n_layers"])
+        c = dict(tiny_generic.CHROMA_TINY, **tiny_generic.CHROMA_REAL_DEPTHS)
+        # Not on the meta device: the model computes a buffer (its modulation index table) at init.
+        model = ChromaTransformer2DModel(
+            patch_size=1, in_channels=c["in_channels"], num_layers=c["depth"],
+            num_single_layers=c["depth_single_blocks"], attention_head_dim=c["hidden_size"] // c["num_heads"],
+            num_attention_heads=c["num_heads"], joint_attention_dim=c["context_in_dim"],
+            axes_dims_rope=tuple(c["axes_dim"]), approximator_num_channels=c["in_dim"],
+            approximator_hidden_dim=c["hidden_dim"], approximator_layers=c["n_layers"])
         key_map = comfy.utils.flux_to_diffusers({"depth": c["depth"], "depth_single_blocks": c["depth_single_blocks"],
                                                  "hidden_size": c["hidden_size"]})
         comfy_sd = patcher.model.diffusion_model.state_dict()

@@ -114,12 +114,19 @@ def write_tiny_hunyuan_video_15(path: Path, seed: int = 23) -> Path:
     return tiny_files._save(net.state_dict(), path)
 
 
-def build_tiny_chroma(seed: int = 24):
+def build_tiny_chroma(seed: int = 24, **overrides):
     """ComfyUI's Chroma (comfy.model_base.Chroma, config comfy.supported_models.Chroma) with a tiny config
     (hidden 64, 2 double + 2 single blocks, T5-wide context), in a ModelPatcher; built in process."""
     import comfy.supported_models
     from inprocess_models import patcher_for
-    return patcher_for(comfy.supported_models.Chroma(dict(CHROMA_TINY)), seed)
+    return patcher_for(comfy.supported_models.Chroma(dict(CHROMA_TINY, **overrides)), seed)
+
+
+# ComfyUI's Chroma always computes the real model's 344 modulation vectors (3 per single block, 12 per double
+# block, 2 final) and takes the final layer's from the end; diffusers computes as many as the configured
+# blocks need, and its kohya converter knows at most 19 double and 38 single blocks. Both hold only at the
+# real block counts (at hidden 64: ~4 M params).
+CHROMA_REAL_DEPTHS = dict(depth=19, depth_single_blocks=38)
 
 
 def detectable_chroma_config_name() -> str:
