@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import family_checks as checks
 import tiny_generic
 
 pytestmark = pytest.mark.integration
@@ -17,13 +18,12 @@ KINDS = ("sd3", "ltxv")
 
 @pytest.fixture(scope="module")
 def dojo(comfy):
-    pack = sys.modules[comfy.pack_module_name()].__name__
-    names = ("nodes.comfy_compat", "nodes.comfy_model", "nodes.lora_training", "nodes.lora_nodes",
-             "nodes.grad_protection", "training.families", "training.families.generic", "training.protocol",
-             "training.batches", "training.encoded", "training.adapters", "training.loop", "training.grad_safety",
-             "training.lora_formats")
-    mods = {name: importlib.import_module(f"{pack}.{name}") for name in names}
-    return type("Dojo", (), {k.split(".")[-1]: v for k, v in mods.items()})
+    """family_checks' pack modules, and the ones these tests also use."""
+    pack = checks.pack(comfy)
+    name = sys.modules[comfy.pack_module_name()].__name__
+    for module in ("training.families.generic", "training.lora_formats", "nodes.train_lora"):
+        setattr(pack, module.split(".")[-1], importlib.import_module(f"{name}.{module}"))
+    return pack
 
 
 @pytest.fixture(scope="module")
@@ -131,27 +131,6 @@ def encoded(dojo, kind, n=4, seed=0):
     return dojo.encoded.EncodedDataset(samples, captions)
 
 
-def outputs(dojo, patcher, kind):
-    """The model's prediction for a fixed input, through ComfyUI's own apply_model (as sampling does)."""
-    dojo.comfy_compat.load_for_compute(patcher)
-    view = dojo.comfy_model.ComfyDenoisingModel(patcher)
-    g = torch.Generator().manual_seed(7)
-    x = torch.randn(2, *tiny_generic.GENERIC_SHAPES[kind][0], generator=g)
-    cond = cond_for(dojo, kind, 2, g)
-    with torch.inference_mode():
-        return view.predict(x, torch.tensor([0.3, 0.7]), cond)
-
-
-def fixed_loss(dojo, patcher, data):
-    dojo.comfy_compat.load_for_compute(patcher)
-    view = dojo.comfy_model.ComfyDenoisingModel(patcher)
-    latents = torch.stack([patcher.model.process_latent_in(s.latent[None])[0] for s in data.samples])
-    cond = dojo.batches.collate(data.samples, list(range(len(data.samples)))).cond
-    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(3))
-    with torch.inference_mode():
-        return dojo.loop.diffusion_loss(view, latents, cond, torch.linspace(0.2, 0.8, len(data.samples)), noise).item()
-
-
 def job(dojo, steps, lr=1e-2, **kw):
     return dojo.lora_training.LoraJob(
         adapter=dojo.adapters.AdapterConfig(rank=4, alpha=4),
@@ -160,52 +139,35 @@ def job(dojo, steps, lr=1e-2, **kw):
         batch_size=2, **kw)
 
 
-def save_lora(comfy, lora, name):
-    import safetensors.torch
-    path = comfy.base / "models" / "loras" / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    safetensors.torch.save_file({k: v.contiguous() for k, v in lora.items()}, str(path), metadata=lora.metadata)
-    return name
-
-
-def lora_loader_model_only(dojo, patcher, name, strength):
-    """ComfyUI's own LoraLoaderModelOnly node, with its "lora key not loaded" lines collected."""
-    import nodes
-    with dojo.comfy_compat.capture_lora_warnings() as unloaded:
-        (model,) = nodes.LoraLoaderModelOnly().load_lora_model_only(patcher, name, strength)
-    return model, unloaded
-
-
 @pytest.mark.parametrize("kind", KINDS)
 def test_generic_lora_learns_keeps_the_base_and_loads_in_comfyui(comfy, dojo, unet_files, kind, caplog):
+    """Issue 18 criterion 2: learns, base bit-identical, strength 0 exact, LoraLoaderModelOnly loads every key."""
     patcher = load(comfy, unet_files, kind)
     data = encoded(dojo, kind)
-    base = outputs(dojo, patcher, kind)
-    before = fixed_loss(dojo, patcher, data)
-    with caplog.at_level(logging.INFO, logger="comfyui-dojo"):
-        result = dojo.lora_training.train_lora(patcher, data, job(dojo, steps=30, gradient_checkpointing=True))
-    assert result.steps_done == 30 and not result.cancelled
+    with checks.base_unchanged(dojo, patcher, data), caplog.at_level(logging.INFO, logger="comfyui-dojo"):
+        result = checks.check_learns(dojo, patcher, data, job(dojo, steps=30, gradient_checkpointing=True))
     assert any("generic mode" in r.getMessage() for r in caplog.records)
-    # The base model is untouched.
-    assert torch.equal(outputs(dojo, patcher, kind), base)
-
-    spec = dojo.comfy_compat.generic_spec(patcher)
+    spec = dojo.comfy_compat.model_spec(patcher)
     trained = set(dojo.protocol.select_linears(patcher.model.diffusion_model,
                                                spec.targets[dojo.protocol.TargetPreset.ATTENTION_MLP]))
     lora = result.lora
+    # ComfyUI's generic layout, one pair per adapted layer, and the model's config in the metadata.
     assert set(lora) == {f"diffusion_model.{n}.lora_{half}.weight" for n in trained for half in ("down", "up")}
     config = type(patcher.model.model_config).__name__
     assert lora.metadata["dojo_family"] == "generic" and lora.metadata["dojo_comfy_config"] == config
+    checks.check_strength_zero(dojo, patcher, data, lora)
+    checks.check_loraloader(comfy, dojo, patcher, data, lora, f"tests/generic_{kind}")
 
-    name = save_lora(comfy, lora, f"dojo_generic_{kind}.safetensors")
-    adapted, unloaded = lora_loader_model_only(dojo, patcher, name, 1.0)
-    assert unloaded == [] and len(adapted.patches) == len(trained)
-    after = fixed_loss(dojo, adapted, data)
-    assert after < 0.85 * before, (before, after, result.losses[:3], result.losses[-3:])
-    assert (outputs(dojo, adapted, kind) - base).abs().max() > 1e-4
-    # Strength 0 through ComfyUI's loader is exactly the base model.
-    zero, unloaded = lora_loader_model_only(dojo, patcher, name, 0.0)
-    assert unloaded == [] and torch.equal(outputs(dojo, zero, kind), base)
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_generic_gradients_match_float64_reference_per_block(comfy, dojo, unet_files, kind):
+    """One step's gradients through generic mode's protection, checkpointing on and off, equal the
+    out-of-place float64 reference per block (family_checks.check_gradients)."""
+    patcher = load(comfy, unet_files, kind)
+    spec = dojo.comfy_compat.model_spec(patcher)
+    report = checks.check_gradients(dojo, patcher, encoded(dojo, kind, n=2))
+    blocks = {f"{name}.{i}" for name in spec.block_lists for i in range(len(patcher.model.diffusion_model.get_submodule(name)))}
+    assert set(report[True]) == set(report[False]) == blocks
 
 
 def test_apply_accepts_a_generic_lora_for_its_model_class_only(comfy, dojo, unet_files):
@@ -215,115 +177,12 @@ def test_apply_accepts_a_generic_lora_for_its_model_class_only(comfy, dojo, unet
     applied, _ = dojo.lora_nodes.apply_checked(sd3, None, lora, 1.0, 0.0)
     assert len(applied.patches) == sum(k.endswith(".lora_down.weight") for k in lora)
     # The same file read back through Dojo Load LoRA's reader carries its config in the metadata.
-    name = save_lora(comfy, lora, "dojo_generic_sd3_apply.safetensors")
+    name = dojo.lora_nodes.DojoSaveLoRA.execute(lora, "tests/generic_sd3_apply", "fp32").result[0]
     from pathlib import Path
-    loaded = dojo.lora_nodes.read_lora_file(Path(comfy.base / "models" / "loras" / name))
+    loaded = dojo.lora_nodes.read_lora_file(Path(comfy.folder_paths.get_folder_paths("loras")[0]) / name)
     dojo.lora_nodes.apply_checked(sd3, None, loaded, 1.0, 0.0)
     with pytest.raises(dojo.lora_nodes.LoraDoesNotFit, match=r"SD3.*LTXV|LTXV.*SD3"):
         dojo.lora_nodes.apply_checked(load(comfy, unet_files, "ltxv"), None, loaded, 1.0, 0.0)
-
-
-# ----------------------------------------------------------------------- gradients vs float64
-
-def network_loss(patcher, kind, seed=1):
-    """The squared output of the float64 network on fixed inputs, called as ComfyUI's apply_model calls it
-    (the conditions from the model's own extra_conds)."""
-    g = torch.Generator().manual_seed(seed)
-    shape, width, pooled = tiny_generic.GENERIC_SHAPES[kind]
-    x = torch.randn(2, *shape, generator=g, dtype=torch.float64)
-    extra = {"attention_mask": torch.ones(2, 7, dtype=torch.long)} if kind == "ltxv" else {}
-    conds = patcher.model.extra_conds(
-        noise=x, device=x.device, cross_attn=torch.randn(2, 7, width, generator=g, dtype=torch.float64),
-        pooled_output=None if pooled is None else torch.randn(2, pooled, generator=g, dtype=torch.float64), **extra)
-    kwargs = {k: c.process_cond(batch_size=2, area=None).cond for k, c in conds.items()}
-    context = kwargs.pop("c_crossattn")
-    if "c_concat" in kwargs:  # image-conditioning channels, as BaseModel._apply_model appends them
-        x = torch.cat([x, kwargs.pop("c_concat").to(x.dtype)], dim=1)
-    out = patcher.model.diffusion_model(x, torch.tensor([0.3, 0.7], dtype=torch.float64), context=context,
-                                        transformer_options={}, **kwargs)
-    return (out ** 2).mean()
-
-
-def block_grads(net, spec):
-    """The adapter's gradients grouped by block (`<list>.<index>`)."""
-    grads = {}
-    for name, p in net.named_parameters():
-        if p.requires_grad and "lora_" in name:
-            block = next(f"{b}.{name[len(b) + 1:].split('.')[0]}" for b in spec.block_lists if name.startswith(b + "."))
-            grads.setdefault(block, []).append(p.grad.detach().clone().flatten())
-    return {b: torch.cat(g) for b, g in grads.items()}
-
-
-def float64_adapter(dojo, patcher):
-    """Make the stand-in's network float64 and put an all-linear LoRA on it whose halves are both random (so
-    every factor gets a gradient). Returns (spec, adapter); detach the adapter when done."""
-    net = patcher.model.diffusion_model
-    dojo.comfy_compat.materialize_inference_tensors(net)
-    net.to(torch.float64)
-    spec = dojo.comfy_compat.model_spec(patcher)
-    modules = dojo.protocol.select_linears(net, spec.targets[dojo.protocol.TargetPreset.ALL_LINEAR])
-    adapter = dojo.adapters.attach_adapter(net, modules, dojo.adapters.AdapterConfig(rank=2, alpha=2), seed=3)
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for p in adapter.parameters():
-            p.data = torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.2
-    return spec, adapter
-
-
-@pytest.fixture(scope="module", params=KINDS)
-def float64_adapted(request, comfy, dojo, unet_files):
-    kind = request.param
-    patcher = load(comfy, unet_files, kind)
-    spec, adapter = float64_adapter(dojo, patcher)
-    yield kind, patcher, spec
-    adapter.detach()
-
-
-def grads_in(dojo, patcher, kind, spec, region):
-    net = patcher.model.diffusion_model
-    for p in net.parameters():
-        p.grad = None
-    with torch.inference_mode(False), torch.enable_grad(), dojo.comfy_compat.comfy_training_mode(), region:
-        network_loss(patcher, kind).backward()
-    return block_grads(net, spec)
-
-
-@pytest.fixture(scope="module")
-def float64_reference(dojo, float64_adapted):
-    """Every tensor autograd saves copied when saved: what an out-of-place version of the blocks computes."""
-    kind, patcher, spec = float64_adapted
-    subs = dojo.comfy_compat.training_substitutions()
-    ref = grads_in(dojo, patcher, kind, spec, dojo.grad_safety.clone_all_saved_tensors(subs))
-    assert set(ref) == {f"{b}.{i}" for b in spec.block_lists for i in range(len(patcher.model.diffusion_model.get_submodule(b)))}
-    assert all(g.abs().max() > 0 for g in ref.values())
-    return ref
-
-
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_generic_gradients_match_float64_reference_per_block(dojo, float64_adapted, float64_reference, checkpointing):
-    kind, patcher, spec = float64_adapted
-    region = dojo.grad_protection.training_region(patcher, checkpointing, spec=spec)
-    got = grads_in(dojo, patcher, kind, spec, region)
-    errors = {b: ((got[b] - r).abs().max() / r.abs().max()).item() for b, r in float64_reference.items()}
-    assert max(errors.values()) < 1e-4, errors
-    blocks = dojo.families.generic.blocks_of(patcher.model.diffusion_model, spec.block_lists)
-    assert not any("forward" in vars(b) for b in blocks)
-    assert not torch.overrides._get_current_function_mode_stack()
-
-
-def test_unprotected_backward_shows_which_blocks_write_in_place(dojo, float64_adapted, float64_reference):
-    """Without protection: LTX-Video's blocks write in place into tensors autograd saved and backward raises;
-    the MMDiT's do not, so plain autograd gives the reference there (which cross-checks the reference
-    against ordinary out-of-place backward). Generic mode cannot know which kind a model is, so it protects
-    every one (test_generic_gradients_match_float64_reference_per_block)."""
-    kind, patcher, spec = float64_adapted
-    plain = dojo.grad_safety.op_substitutions(dojo.comfy_compat.training_substitutions())
-    if kind == "ltxv":
-        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-            grads_in(dojo, patcher, kind, spec, plain)
-    else:
-        got = grads_in(dojo, patcher, kind, spec, plain)
-        assert max(((got[b] - r).abs().max() / r.abs().max()).item() for b, r in float64_reference.items()) < 1e-10
 
 
 def test_model_that_cannot_run_backward_is_refused_naming_its_class(comfy, dojo, unet_files):
@@ -349,9 +208,7 @@ def test_model_that_cannot_run_backward_is_refused_naming_its_class(comfy, dojo,
 def test_train_lora_node_runs_generic_mode_with_its_defaults(comfy, dojo, unet_files):
     """The node users drop in, with every widget on auto (memory plan included): the generic recipe, the
     model's own flow shift, and a file in ComfyUI's generic layout."""
-    import importlib
-    pack = sys.modules[comfy.pack_module_name()].__name__
-    train_lora = importlib.import_module(f"{pack}.nodes.train_lora")
+    train_lora = dojo.train_lora
     patcher = load(comfy, unet_files, "ltxv")
     view = dojo.comfy_model.ComfyDenoisingModel(patcher)
     auto = train_lora.resolve_auto_settings(view)

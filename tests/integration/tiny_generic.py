@@ -34,10 +34,12 @@ LTXV_TINY = dict(image_model="ltxv", num_layers=2, attention_head_dim=4, cross_a
 # noise, the image-conditioning latent and its mask), patch 1, a Qwen2.5-VL context (3584) and the byT5
 # glyph mapper, no pooled vector, no guidance embedding, and the 1.5 modules (vision_in of SigLIP width
 # 1152, which detection requires, cond-type embedding). Detection reads 128-wide heads: hidden 256 = 2.
+# The real model has no single-stream blocks (54 double); one here gives the last double block's text
+# stream a use, so that every adapted layer gets a gradient in the gradient checks.
 HUNYUAN_VIDEO_15_TINY = dict(
     image_model="hunyuan_video", in_channels=65, out_channels=32, patch_size=[1, 1, 1], vec_in_dim=None,
     axes_dim=[16, 56, 56], meanflow=False, context_in_dim=3584, hidden_size=256, mlp_ratio=4.0, num_heads=2,
-    depth=2, depth_single_blocks=0, theta=256, qkv_bias=True, byt5=True, guidance_embed=False,
+    depth=2, depth_single_blocks=1, theta=256, qkv_bias=True, byt5=True, guidance_embed=False,
     use_cond_type_embedding=True, vision_in_dim=1152, meanflow_sum=True,
 )
 # Chroma's detection pins its modulation approximator (64 -> 5120 x 5 layers -> 3072), so the smallest
@@ -108,7 +110,7 @@ def _hunyuan_config(config: dict) -> dict:
 
 
 def write_tiny_hunyuan_video_15(path: Path, seed: int = 23) -> Path:
-    """A HunyuanVideo 1.5 transformer (2 double blocks, hidden 256, ~18 M params, most of it the byT5 mapper
+    """A HunyuanVideo 1.5 transformer (2 double blocks + 1 single, hidden 256, ~18 M params, most of it the byT5 mapper
     and the 3584-wide text input) that UNETLoader detects as HunyuanVideo15."""
     net = _diffusion_model("HunyuanVideo15", _hunyuan_config(HUNYUAN_VIDEO_15_TINY), seed)
     return tiny_files._save(net.state_dict(), path)
