@@ -105,10 +105,12 @@ class Chroma:
                                                  "hidden_size": c["hidden_size"]})
         comfy_sd = patcher.model.diffusion_model.state_dict()
         state = from_comfy_key_map(comfy_sd, key_map)
-        # Chroma's modulation approximator: the same layers, diffusers' names for its MLPs.
+        # Chroma's modulation approximator: the same layers, diffusers' names for its MLPs (and for its RMS
+        # norms' weight, which ComfyUI 0.8 calls `scale`).
         for k, v in comfy_sd.items():
             if k.startswith("distilled_guidance_layer."):
-                state[k.replace(".in_layer.", ".linear_1.").replace(".out_layer.", ".linear_2.")] = v
+                k = k.replace(".in_layer.", ".linear_1.").replace(".out_layer.", ".linear_2.")
+                state[k[: -len(".scale")] + ".weight" if k.endswith(".scale") else k] = v
         return model, state
 
     @staticmethod
