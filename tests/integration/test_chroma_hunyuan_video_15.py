@@ -11,8 +11,8 @@ import torch
 
 import family_checks as checks
 import tiny_generic
-from test_generic_family import dojo, encoded, job  # noqa: F401  (dojo is a fixture)
-from test_lora_diffusers_roundtrip import from_comfy_key_map, run_roundtrip
+from test_generic_family import dojo, encoded, learns_keeping_the_base  # noqa: F401  (dojo is a fixture)
+from test_lora_diffusers_roundtrip import from_comfy_key_map, pack_2x2, run_roundtrip, unpack_2x2
 
 pytestmark = pytest.mark.integration
 
@@ -51,14 +51,8 @@ def test_detected_as_their_families(comfy, dojo, hv15_file):
 def test_lora_learns_keeps_the_base_and_loads_in_comfyui(comfy, dojo, hv15_file, kind, caplog):
     patcher = load(comfy, hv15_file, kind)
     data = encoded(dojo, kind)
-    # The base around Dojo's training alone: ComfyUI 0.8's own LoRA loading (which check_learns uses next)
-    # puts the weights it patched back as parameters without requires_grad, which is ComfyUI's doing.
-    with checks.base_unchanged(dojo, patcher, data):
-        dojo.lora_training.train_lora(patcher, data, job(dojo, steps=3, gradient_checkpointing=True))
     with caplog.at_level(logging.INFO, logger="comfyui-dojo"):
-        result = checks.check_learns(dojo, patcher, data, job(dojo, steps=30, gradient_checkpointing=True))
-    with checks.base_unchanged(dojo, patcher, data):  # and with the ComfyUI patching of check_learns done
-        dojo.lora_training.train_lora(patcher, data, job(dojo, steps=2))
+        result = learns_keeping_the_base(dojo, patcher, data)
     assert not any("generic mode" in r.getMessage() for r in caplog.records)
     lora = result.lora
     assert lora.metadata["dojo_family"] == kind
@@ -132,14 +126,10 @@ class Chroma:
 
     @staticmethod
     def diffusers_forward(model, i):
-        b, c, h, w = i["x"].shape
-        packed = i["x"].view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w // 4, c * 4)
-        img_ids = torch.zeros(h // 2, w // 2, 3)
-        img_ids[..., 1] = torch.arange(h // 2)[:, None]
-        img_ids[..., 2] = torch.arange(w // 2)[None, :]
+        packed, img_ids = pack_2x2(i["x"])
         out = model(hidden_states=packed, timestep=i["t"], encoder_hidden_states=i["context"],
-                    txt_ids=torch.zeros(i["context"].shape[1], 3), img_ids=img_ids.reshape(-1, 3)).sample
-        return out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+                    txt_ids=torch.zeros(i["context"].shape[1], 3), img_ids=img_ids).sample
+        return unpack_2x2(out, i["x"].shape)
 
     @staticmethod
     def pipeline(model):

@@ -139,19 +139,25 @@ def job(dojo, steps, lr=1e-2, **kw):
         batch_size=2, **kw)
 
 
+def learns_keeping_the_base(dojo, patcher, data):
+    """family_checks (a) and (b): the base is bit-identical around Dojo's training, and a 30-step LoRA
+    learns. (b) wraps Dojo's runs only: ComfyUI 0.8's own LoRA loading, which (a) uses, puts the weights it
+    patched back as parameters without requires_grad, which is ComfyUI's doing. Returns (a)'s result."""
+    with checks.base_unchanged(dojo, patcher, data):
+        dojo.lora_training.train_lora(patcher, data, job(dojo, steps=3, gradient_checkpointing=True))
+    result = checks.check_learns(dojo, patcher, data, job(dojo, steps=30, gradient_checkpointing=True))
+    with checks.base_unchanged(dojo, patcher, data):  # and after ComfyUI's patching in (a)
+        dojo.lora_training.train_lora(patcher, data, job(dojo, steps=2))
+    return result
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_generic_lora_learns_keeps_the_base_and_loads_in_comfyui(comfy, dojo, unet_files, kind, caplog):
     """Issue 18 criterion 2: learns, base bit-identical, strength 0 exact, LoraLoaderModelOnly loads every key."""
     patcher = load(comfy, unet_files, kind)
     data = encoded(dojo, kind)
-    # The base around Dojo's training alone: ComfyUI 0.8's own LoRA loading (which check_learns uses next)
-    # puts the weights it patched back as parameters without requires_grad, which is ComfyUI's doing.
-    with checks.base_unchanged(dojo, patcher, data):
-        dojo.lora_training.train_lora(patcher, data, job(dojo, steps=3, gradient_checkpointing=True))
     with caplog.at_level(logging.INFO, logger="comfyui-dojo"):
-        result = checks.check_learns(dojo, patcher, data, job(dojo, steps=30, gradient_checkpointing=True))
-    with checks.base_unchanged(dojo, patcher, data):  # and with the ComfyUI patching of check_learns done
-        dojo.lora_training.train_lora(patcher, data, job(dojo, steps=2))
+        result = learns_keeping_the_base(dojo, patcher, data)
     assert any("generic mode" in r.getMessage() for r in caplog.records)
     spec = dojo.comfy_compat.model_spec(patcher)
     trained = set(dojo.protocol.select_linears(patcher.model.diffusion_model,
