@@ -153,9 +153,9 @@ def build_spec(net: nn.Module, facts: ComfyModelFacts) -> FamilySpec:
 def describe(spec: FamilySpec, facts: ComfyModelFacts, net: nn.Module) -> str:
     """The log line that says a run is in generic mode, and what it found."""
     lists = ", ".join(f"{name} ({len(net.get_submodule(name))})" for name in spec.block_lists)
-    return (f"Dojo: {facts.described} has no Dojo family module; training it in generic mode: "
-            f"LoRA on the linear layers of its blocks {lists}, saved in ComfyUI's generic "
-            "diffusion_model.<layer> layout")
+    return (f"Dojo: {facts.described} has no Dojo family module, so Dojo trains and applies its LoRAs in "
+            f"generic mode: LoRA on the linear layers of its blocks {lists}, every block protected against "
+            "in-place writes, files in ComfyUI's generic diffusion_model.<layer> layout")
 
 
 # Messages of autograd failures that mean the model's forward is not differentiable as ComfyUI runs it
