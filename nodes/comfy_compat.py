@@ -5,11 +5,13 @@ this module, never from ComfyUI directly.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
 import os
 import re
+import weakref
 from contextlib import contextmanager
 
 import torch
@@ -17,7 +19,6 @@ import torch
 import comfy.model_base
 import comfy.model_management
 import comfy.model_sampling
-import comfy.patcher_extension
 import comfy.sample
 import comfy.samplers
 import comfy.sd
@@ -28,7 +29,8 @@ import folder_paths  # noqa: F401  (re-exported for the file-handling nodes)
 from comfy_api.latest import ComfyExtension, io, ui  # noqa: F401  (re-exported)
 
 from ..training import families
-from ..training.families import FamilyLike, FamilySpec
+from ..training.families import FamilyLike, FamilySpec, generic
+from ..training.families.generic import ComfyModelFacts
 from ..training.protocol import Family, NoiseSchedule, Prediction
 
 
@@ -40,18 +42,64 @@ def model_spec(model_patcher) -> FamilySpec:
     """The family spec of a MODEL: the registered family whose ComfyUI model config (comfy.supported_models
     class, by exact name) it is. This is the one place a MODEL is told apart; a model no family claims
     is where generic mode (training/families/generic.py) hooks in."""
-    config_name = type(model_patcher.model.model_config).__name__
-    spec = families.spec_for_config(config_name)
-    if spec is None:
-        raise UnsupportedModelError(
-            f"Dojo cannot train this MODEL: ComfyUI detected it as '{config_name}'. "
-            f"Supported families: {families.labels()}. Load one of those with ComfyUI's checkpoint or "
-            "diffusion-model loader.")
-    return spec
+    spec = families.spec_for_config(config_name(model_patcher))
+    return spec if spec is not None else generic_spec(model_patcher)
 
 
 def model_family(model_patcher) -> Family:
     return model_spec(model_patcher).family
+
+
+# --- generic mode: a spec built from the model for configs no family module claims ------------------
+
+_GENERIC_SPECS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _base_model(model):
+    """ComfyUI's BaseModel of a ModelPatcher (or the BaseModel itself)."""
+    return model.model if hasattr(model, "model_options") else model
+
+
+def config_name(model_patcher) -> str:
+    """The comfy.supported_models class ComfyUI detected the model as ("SD3", "LTXV", "Flux", ...)."""
+    return type(_base_model(model_patcher).model_config).__name__
+
+
+def model_facts(model_patcher) -> ComfyModelFacts:
+    """What ComfyUI knows about a loaded model that generic mode needs (names for messages and files,
+    the latent layout). 0.8's latent formats do not say their downscale ratios: 8 (and 1) then."""
+    base = _base_model(model_patcher)
+    latent = base.latent_format
+    return ComfyModelFacts(
+        config_name=config_name(model_patcher), model_class=type(base).__name__,
+        network_class=type(base.diffusion_model).__name__, latent_channels=int(latent.latent_channels),
+        latent_dims=int(getattr(latent, "latent_dimensions", 2)),
+        spatial_scale=int(getattr(latent, "spacial_downscale_ratio", 8)),
+        temporal_scale=int(getattr(latent, "temporal_downscale_ratio", 1)))
+
+
+def generic_spec(model_patcher) -> FamilySpec:
+    """The generic-mode spec of a model no family module claims (training/families/generic.py), built
+    once per diffusion network (clones share it) and announced in the log when built."""
+    net = _base_model(model_patcher).diffusion_model
+    spec = _GENERIC_SPECS.get(net)
+    if spec is None:
+        facts = model_facts(model_patcher)
+        try:
+            spec = generic.build_spec(net, facts)
+        except generic.GenericModelError as e:
+            raise UnsupportedModelError(str(e)) from e
+        logging.getLogger("comfyui-dojo").info(generic.describe(spec, facts, net))
+        _GENERIC_SPECS[net] = spec
+    return spec
+
+
+def generic_failures(model_patcher, spec: FamilySpec):
+    """Around a generic-mode run: an autograd failure (the model cannot be run backward as ComfyUI runs
+    it) becomes a GenericModelError naming the model. Nothing for a family with a module."""
+    if not spec.generic:
+        return contextlib.nullcontext()
+    return generic.backward_failures_named(model_facts(model_patcher))
 
 
 def noise_schedule(model_patcher) -> NoiseSchedule:
@@ -68,7 +116,9 @@ def noise_schedule(model_patcher) -> NoiseSchedule:
     elif isinstance(sampling, comfy.model_sampling.EPS):
         prediction = Prediction.EPSILON
     else:
-        raise UnsupportedModelError(f"Dojo cannot train a model whose sampling is {type(sampling).__name__}.")
+        raise UnsupportedModelError(f"Dojo cannot train ComfyUI's '{config_name(model_patcher)}' model (class "
+                                    f"{type(model_patcher.model).__name__}): its sampling is "
+                                    f"{type(sampling).__name__}, not eps, v or flow prediction.")
     sigmas = sampling.sigmas.detach().to("cpu", torch.float64)
     return NoiseSchedule(prediction, alphas_cumprod=1.0 / (1.0 + sigmas ** 2))
 
@@ -98,18 +148,22 @@ def model_kwargs(base_model, noisy: torch.Tensor, context, pooled, extra: dict) 
     return {name: cond.process_cond(batch_size=batch, area=None).cond for name, cond in conds.items()}
 
 
-def raw_output_capture():
-    """A diffusion-model wrapper that records the network's raw output (before ComfyUI turns it into
-    a denoised x0), and the transformer_options that install it for one call."""
+@contextmanager
+def raw_output_capture(base_model):
+    """Record the network's raw output (before ComfyUI turns it into a denoised x0) for the calls made
+    inside the block: a forward hook on the diffusion network, removed on exit. A diffusion-model wrapper
+    would not do: only some networks (Flux, HunyuanVideo, ...) run ComfyUI's wrappers, SD3's MMDiT and
+    others do not, and generic mode must see every network's output."""
     captured = {}
 
-    def wrapper(executor, *args, **kwargs):
-        out = executor(*args, **kwargs)
-        captured["output"] = out
-        return out
+    def hook(module, args, output):
+        captured["output"] = output
 
-    options = {"wrappers": {comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL: {"dojo_capture": [wrapper]}}}
-    return captured, options
+    handle = base_model.diffusion_model.register_forward_hook(hook)
+    try:
+        yield captured
+    finally:
+        handle.remove()
 
 
 # --- training on a MODEL --------------------------------------------------------------------------

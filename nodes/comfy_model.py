@@ -1,9 +1,9 @@
 """`DenoisingModel` over ComfyUI's MODEL (a ModelPatcher): what the Train nodes hand the engine.
 
 Prediction goes through ComfyUI's own `apply_model`, so every family's input scaling, timestep
-conversion and extra conditions are ComfyUI's; a diffusion-model wrapper (passed per call, never
-installed on the shared model) hands back the network's raw output, which is the native target
-(eps, v or flow velocity) that the engine trains on.
+conversion and extra conditions are ComfyUI's; a forward hook on the network, installed for the one
+call and removed after it, hands back the network's raw output, which is the native target (eps, v or
+flow velocity) that the engine trains on.
 """
 from __future__ import annotations
 
@@ -39,8 +39,8 @@ class ComfyDenoisingModel:
             # and rescale it by 1/sqrt(sigma^2 + 1) themselves.
             x = noisy * (sigma ** 2 + 1).sqrt().reshape(-1, *([1] * (noisy.ndim - 1))).to(noisy.dtype)
         kwargs = cc.model_kwargs(self.patcher.model, x, cond.context, cond.pooled, self.batch_extras(noisy, cond))
-        captured, options = cc.raw_output_capture()
-        self.patcher.model.apply_model(x, sigma, transformer_options=options, **kwargs)
+        with cc.raw_output_capture(self.patcher.model) as captured:
+            self.patcher.model.apply_model(x, sigma, **kwargs)
         return captured["output"].float()
 
     def batch_extras(self, noisy: torch.Tensor, cond: Conditioning) -> dict:

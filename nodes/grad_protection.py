@@ -29,10 +29,8 @@ def spec_of(model, spec: FamilySpec | None = None) -> FamilySpec:
     if spec is not None:
         return spec
     base = getattr(model, "model", model)
-    config = getattr(base, "model_config", None)
-    found = families.spec_for_config(type(config).__name__) if config is not None else None
-    if found is not None:
-        return found
+    if getattr(base, "model_config", None) is not None:
+        return cc.model_spec(model)  # its family's, or the generic spec built from it
     net = diffusion_model_of(model)
     for kind in ("block_lists", "unet_blocks"):
         for candidate in families.all_specs():
@@ -43,12 +41,20 @@ def spec_of(model, spec: FamilySpec | None = None) -> FamilySpec:
                      "cannot protect or checkpoint its gradients")
 
 
+def _submodule(net: nn.Module, name: str):
+    try:
+        return net.get_submodule(name)
+    except AttributeError:
+        return None
+
+
 def transformer_blocks(model, spec: FamilySpec | None = None) -> list[nn.Module]:
     """The transformer blocks of a ComfyUI model in call order (Flux: double-stream blocks first), from
     the spec's `block_lists`."""
     spec = spec_of(model, spec)
     net = diffusion_model_of(model)
-    blocks = [b for name in spec.block_lists for b in getattr(net, name, None) or ()]
+    # Generic specs may name nested lists by dotted path (get_submodule); family lists may be absent (None).
+    blocks = [b for name in spec.block_lists for b in _submodule(net, name) or ()]
     if not blocks:
         raise ValueError(f"{type(net).__name__} has none of {spec.block_lists}; cannot protect its gradients")
     return blocks

@@ -11,6 +11,7 @@ from .. import __version__
 from ..training.file_metadata import for_file
 from ..training.files import next_free_path, save_safetensors_new
 from ..training.lora_formats import check_lora_tensors
+from ..training.protocol import Family
 from ..training.sharing import sharing_metadata
 from ..training.textual_inversion import bundle_tensors, split_bundle
 from . import comfy_compat as cc
@@ -32,7 +33,8 @@ class LoraDoesNotFit(ValueError):
 def apply_checked(model, clip, lora: dict, strength_model: float, strength_clip: float):
     """Apply through ComfyUI's own LoRA path; refuse (applying nothing) if any key fits no layer."""
     check_lora_tensors(dict(lora), "Dojo Apply LoRA")
-    family = getattr(lora, "metadata", {}).get("dojo_family")
+    metadata = getattr(lora, "metadata", {})
+    family = metadata.get("dojo_family")
     if family and model is not None:
         try:
             model_family = cc.model_family(model).value
@@ -41,6 +43,11 @@ def apply_checked(model, clip, lora: dict, strength_model: float, strength_clip:
         if model_family and model_family != family:
             raise LoraDoesNotFit(f"this LoRA was trained for {family} but the MODEL is {model_family}; "
                                  "load the matching base model or another LoRA")
+        trained_on, model_config = metadata.get("dojo_comfy_config"), cc.config_name(model)
+        if family == Family.GENERIC.value and trained_on and trained_on != model_config:
+            # Generic files name layers by the model's own paths, which other models may share in part.
+            raise LoraDoesNotFit(f"this LoRA was trained in generic mode for ComfyUI's '{trained_on}' model but "
+                                 f"the MODEL is '{model_config}'; load the matching base model or another LoRA")
     if model is not None:
         mismatched = cc.lora_shape_mismatches(model, lora)
         if mismatched:

@@ -153,7 +153,7 @@ def train_lora(model_patcher, dataset: EncodedDataset, job: LoraJob) -> LoraResu
                                   should_stop=lambda: parallel.stop_agreed or progress.should_stop(),
                                   on_checkpoint=checkpoints.write, is_cancel=cc.is_interrupt)
             try:
-                with training_failures(checkpoints, progress), \
+                with training_failures(checkpoints, progress), cc.generic_failures(patcher, view.spec), \
                         training_region(patcher, job.gradient_checkpointing, job.blocks_to_swap, device, view.spec):
                     if previews:
                         previews.at_start(state.step)
@@ -175,7 +175,8 @@ def train_lora(model_patcher, dataset: EncodedDataset, job: LoraJob) -> LoraResu
                 vectors = te.trained_vectors()
         finally:
             adapter.detach()
-    metadata = {"dojo_family": view.family.value, "dojo_steps": str(state.step),
+    metadata = {"dojo_family": view.family.value, "dojo_comfy_config": cc.config_name(patcher),
+                "dojo_steps": str(state.step),
                 **network_shape_keys(tensors),  # what the file holds (alpha folded into up), not the trained alpha
                 "ss_learning_rate": str(job.train.learning_rate), "ss_num_train_images": str(len(dataset)),
                 "ss_max_train_steps": str(job.train.steps), "ss_seed": str(job.train.seed),

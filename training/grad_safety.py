@@ -207,6 +207,11 @@ def _same(t):
     return t
 
 
+# Marks where a checkpointed block's output had a tensor (a block may also return None, e.g. SD3's last
+# joint block for its finished context stream).
+_TENSOR_SLOT = object()
+
+
 class _BlockCheckpoint(torch.autograd.Function):
     """Forward without keeping activations; backward recomputes the block with saved tensors protected.
 
@@ -224,7 +229,7 @@ class _BlockCheckpoint(torch.autograd.Function):
         with torch.no_grad():
             outputs = run([copy(t) for t in tensors])
         flat, box["out_spec"] = pytree.tree_flatten(outputs)
-        box["out_values"] = [None if isinstance(o, torch.Tensor) else o for o in flat]
+        box["out_values"] = [_TENSOR_SLOT if isinstance(o, torch.Tensor) else o for o in flat]
         return tuple(o for o in flat if isinstance(o, torch.Tensor))
 
     @staticmethod
@@ -284,7 +289,7 @@ def _checkpointed_forward(block: nn.Module, original: Callable, substitutions: M
         box = {"substitutions": substitutions, "protect": protect}
         anchor = torch.empty(0, requires_grad=True)
         outs = iter(_BlockCheckpoint.apply(run, box, anchor, *[flat[i] for i in slots]))
-        rebuilt = [next(outs) if value is None else value for value in box["out_values"]]
+        rebuilt = [next(outs) if value is _TENSOR_SLOT else value for value in box["out_values"]]
         return pytree.tree_unflatten(rebuilt, box["out_spec"])
 
     return forward

@@ -251,6 +251,22 @@ class SDXL:
                                          tokenizer_2=None, unet=model, scheduler=None)
 
 
+def pack_2x2(x):
+    """diffusers' Flux-style transformers take 2x2 latent patches packed into tokens, with their positions."""
+    b, c, h, w = x.shape
+    packed = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w // 4, c * 4)
+    img_ids = torch.zeros(h // 2, w // 2, 3)
+    img_ids[..., 1] = torch.arange(h // 2)[:, None]
+    img_ids[..., 2] = torch.arange(w // 2)[None, :]
+    return packed, img_ids.reshape(-1, 3)
+
+
+def unpack_2x2(out, shape):
+    """The inverse of pack_2x2 for the model's output: compare in the unpacked latent space."""
+    b, c, h, w = shape
+    return out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+
 class Flux:
     name = "flux"
     hidden = FLUX_TINY_NET["hidden_size"]
@@ -292,16 +308,11 @@ class Flux:
 
     @staticmethod
     def diffusers_forward(model, i):
-        # diffusers' Flux takes 2x2 patches packed into tokens; compare in the unpacked latent space.
-        b, c, h, w = i["x"].shape
-        packed = i["x"].view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w // 4, c * 4)
-        img_ids = torch.zeros(h // 2, w // 2, 3)
-        img_ids[..., 1] = torch.arange(h // 2)[:, None]
-        img_ids[..., 2] = torch.arange(w // 2)[None, :]
+        packed, img_ids = pack_2x2(i["x"])
         out = model(hidden_states=packed, timestep=i["t"], guidance=i["guidance"], pooled_projections=i["y"],
                     encoder_hidden_states=i["context"], txt_ids=torch.zeros(i["context"].shape[1], 3),
-                    img_ids=img_ids.reshape(-1, 3)).sample
-        return out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+                    img_ids=img_ids).sample
+        return unpack_2x2(out, i["x"].shape)
 
     @staticmethod
     def pipeline(model):
