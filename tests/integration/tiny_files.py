@@ -66,16 +66,17 @@ def builder_key(modules=BUILDER_MODULES) -> str:
     return "b" + h.hexdigest()[:16]
 
 
-def cache_dir() -> Path:
+def cache_dir(modules=BUILDER_MODULES) -> Path:
     root = Path(os.environ.get("DOJO_TEST_CACHE") or Path.home() / ".cache" / "comfyui-dojo-tests").expanduser()
-    return root / comfyui_version() / builder_key()
+    return root / comfyui_version() / builder_key(modules)
 
 
-def cached_file(name: str, write: Callable[[Path], object]) -> Path:
+def cached_file(name: str, write: Callable[[Path], object], modules=BUILDER_MODULES) -> Path:
     """The cached file `name`, written by `write(path)` first when it is missing. The writer writes a
     temporary name that is renamed into place, so an interrupted or concurrent run never leaves a
-    half-written file under the final name."""
-    target = cache_dir() / name
+    half-written file under the final name. `modules`: the builder modules whose code keys the cache
+    (another module's builders add their own file, e.g. tiny_wan.py)."""
+    target = cache_dir(modules) / name
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -104,9 +105,9 @@ def link_into(base: Path, folder: str, name: str, source: Path) -> str:
     return name
 
 
-def provide(base: Path, where: tuple[str, str], write: Callable[[Path], object]) -> str:
+def provide(base: Path, where: tuple[str, str], write: Callable[[Path], object], modules=BUILDER_MODULES) -> str:
     folder, name = where
-    return link_into(base, folder, name, cached_file(name, write))
+    return link_into(base, folder, name, cached_file(name, write, modules))
 
 
 # ------------------------------------------------------------------------------------- helpers
