@@ -154,3 +154,29 @@ def tiny_umt5_clip(seed: int = 24):
 def umt5_shaped_context(n: int = 1, tokens: int = 512, seed: int = 0) -> torch.Tensor:
     """Random conditioning of umt5-xxl's shape, for tests that feed the model directly."""
     return torch.randn(n, tokens, 4096, generator=torch.Generator().manual_seed(seed))
+
+
+TINY_UMT5_NODE = "DojoTestTinyUMT5"
+_CLIPS: dict = {}
+
+
+def register_tiny_umt5_node(comfy) -> str:
+    """A test-only loader node in the booted ComfyUI's registry that outputs `tiny_umt5_clip()`: graphs
+    that load umt5-xxl with CLIPLoader type "wan" run with it in the loader's place (see the module
+    docstring for why no tiny file loads there). Returns its class type."""
+    class TinyUMT5Loader:
+        RETURN_TYPES = ("CLIP",)
+        FUNCTION = "load"
+        CATEGORY = "testing"
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {}}
+
+        def load(self):
+            if "clip" not in _CLIPS:
+                _CLIPS["clip"] = tiny_umt5_clip()
+            return (_CLIPS["clip"],)
+
+    comfy.nodes.NODE_CLASS_MAPPINGS.setdefault(TINY_UMT5_NODE, TinyUMT5Loader)
+    return TINY_UMT5_NODE
