@@ -65,10 +65,13 @@ def _known_wan_args(config: dict) -> dict:
     return {k: v for k, v in config.items() if k in known}
 
 
-def wan_network(config: dict, seed: int) -> torch.nn.Module:
+def wan_network(config: dict, seed: int, operations=None) -> torch.nn.Module:
+    """ComfyUI's WanModel with random weights. `operations`: ComfyUI's op set (default disable_weight_init,
+    as its loaders build it; manual_cast computes in the input's dtype, e.g. a float64 reference)."""
     import comfy.ldm.wan.model as wan
     import comfy.ops
-    return _random(wan.WanModel(**_known_wan_args(config), operations=comfy.ops.disable_weight_init), seed)
+    ops = operations or comfy.ops.disable_weight_init
+    return _random(wan.WanModel(**_known_wan_args(config), operations=ops), seed)
 
 
 def write_tiny_wan(path: Path, config: dict = WAN_TINY, seed: int = 21) -> Path:
