@@ -406,7 +406,15 @@ def test_wan22_a14b_workflow_trains_each_expert_on_its_range_and_samples_with_bo
     samplers = sorted((n["inputs"]["start_at_step"], n["inputs"]["end_at_step"]) for n in prompt.values()
                       if n["class_type"] == "KSamplerAdvanced")
     assert samplers == [(0, 2), (2, 10000)]
-    assert sum(n["class_type"] == "DojoApplyLoRA" for n in prompt.values()) == 2
+    # Each expert samples with the LoRA trained on it.
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    source = {(link[3], nodes[link[3]]["inputs"][link[4]]["name"]): nodes[link[1]] for link in wf["links"]}
+    applies = [n for n in wf["nodes"] if n["type"] == "DojoApplyLoRA"]
+    experts = {source[(a["id"], "model")]["title"] for a in applies}
+    assert experts == {"Load high-noise expert", "Load low-noise expert"}
+    for a in applies:
+        trainer = source[(a["id"], "lora")]
+        assert source[(trainer["id"], "model")] is source[(a["id"], "model")]
     videos = output_files(comfy, out["SaveWEBM"][0]["images"])
     import av
     with av.open(str(videos[0])) as container:

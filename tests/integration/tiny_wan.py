@@ -149,7 +149,7 @@ def tiny_umt5_clip(seed: int = 24):
 
     target = comfy.supported_models_base.ClipTarget(TinyWanTokenizer, TinyWanTEModel)
     clip = comfy.sd.CLIP(target=target, model_options={"dtype": torch.float32})
-    with torch.inference_mode(False), torch.no_grad():
+    with torch.no_grad():   # in a prompt (inference mode) the weights are inference tensors: fill them there
         randomize_(clip.cond_stage_model, seed)
     return clip
 
