@@ -158,6 +158,8 @@ def test_lora_learns_leaves_the_base_and_loads_in_comfyui(comfy, dojo, unet_file
         zero, _ = dojo.comfy_compat.apply_lora(patcher, None, result.lora, 0.0, 0.0)
     assert unloaded == [] and len(trained.patches) == modules
     after = fixed_loss(dojo, trained, data)
+    print(f"{family}: fixed-batch loss {before:.4f} -> {after:.4f} ({after / before:.2f}x)")
+    # DOJO_TEST_MODEL_SEED=0..3: 0.49-0.52x (Wan 2.1), 0.59-0.62x (5B); asked: 0.85x.
     assert after < 0.85 * before, (before, after, result.losses[:3], result.losses[-3:])
     changed = outputs(dojo, trained, channels)
     assert all((changed[k] - base[k]).abs().max() > 1e-4 for k in base)
