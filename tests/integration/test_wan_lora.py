@@ -16,6 +16,9 @@ import torch
 
 import tiny_wan
 from test_dataset_nodes import fresh_folder, image, video
+from test_gradients_flux_hunyuan import Lora
+from test_hunyuan_video_lora import fixed_loss
+from test_lora_diffusers_roundtrip import assert_close_change, load_in_diffusers
 
 pytestmark = pytest.mark.integration
 
@@ -69,23 +72,6 @@ def dataset(dojo, channels, seed=0):
     return dojo.encoded.EncodedDataset(samples, captions)
 
 
-def fixed_loss(dojo, patcher, data):
-    dojo.comfy_compat.load_for_compute(patcher)
-    view = dojo.comfy_model.ComfyDenoisingModel(patcher)
-    by_shape = {}
-    for s in data.samples:
-        by_shape.setdefault(tuple(s.latent.shape), []).append(s)
-    total, count = 0.0, 0
-    for k, (_, samples) in enumerate(sorted(by_shape.items())):
-        latents = torch.stack([patcher.model.process_latent_in(s.latent[None])[0] for s in samples])
-        cond = dojo.batches.collate(samples, list(range(len(samples)))).cond
-        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(3 + k))
-        with torch.inference_mode():
-            loss = dojo.loop.diffusion_loss(view, latents, cond, torch.linspace(0.2, 0.8, len(samples)), noise)
-        total, count = total + loss.item() * len(samples), count + len(samples)
-    return total / count
-
-
 def outputs(dojo, patcher, channels):
     dojo.comfy_compat.load_for_compute(patcher)
     view = dojo.comfy_model.ComfyDenoisingModel(patcher)
@@ -107,8 +93,10 @@ def job(dojo, steps, lr=1e-2, **kw):
 
 
 class LogLines(logging.Handler):
-    def __init__(self, level=logging.DEBUG):
-        super().__init__(level)
+    """Every log line, whatever its level (independent of the pack's own capture_lora_warnings)."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
         self.lines = []
 
     def emit(self, record):
@@ -204,25 +192,6 @@ def test_auto_defaults_for_wan(comfy, dojo, unet_files):
 
 # ---------------------------------------------------------------------------------- gradients
 
-class Lora:
-    """Trainable deltas x @ A @ B on some Linear outputs (forward hooks), in `dtype`, from a seed."""
-
-    def __init__(self, net, seed, targets, dtype=torch.float32, rank=2):
-        g = torch.Generator().manual_seed(seed)
-        self.params, self.handles = {}, []
-        for name, module in net.named_modules():
-            if isinstance(module, torch.nn.Linear) and name.endswith(targets):
-                a = (torch.randn(module.in_features, rank, generator=g) * 0.2).to(dtype).requires_grad_()
-                b = (torch.randn(rank, module.out_features, generator=g) * 0.2).to(dtype).requires_grad_()
-                self.params[name + ".A"], self.params[name + ".B"] = a, b
-                self.handles.append(module.register_forward_hook(
-                    lambda m, inp, out, a=a, b=b: out + (inp[0] @ a) @ b))
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
-
-
 BLOCK_TARGETS = ("self_attn.q", "self_attn.k", "self_attn.o", "cross_attn.q", "cross_attn.v", "ffn.0", "ffn.2")
 
 
@@ -285,6 +254,15 @@ def test_gradients_match_a_float64_out_of_place_reference(comfy, dojo, family, c
 
 # ----------------------------------------------------------------------------------- diffusers
 
+class WanPipelineOnly:
+    """For test_lora_diffusers_roundtrip.load_in_diffusers: diffusers' WanPipeline holding only the network."""
+
+    @staticmethod
+    def pipeline(model):
+        from diffusers import WanPipeline
+        return WanPipeline(tokenizer=None, text_encoder=None, transformer=model, vae=None, scheduler=None)
+
+
 def diffusers_wan(patcher, config):
     from diffusers import WanTransformer3DModel
     from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
@@ -305,8 +283,6 @@ def test_diffusers_wan_loader_consumes_every_tensor_with_the_same_change(comfy, 
     """The file Dojo writes loads in diffusers 0.42's WanPipeline.load_lora_weights (its
     _convert_non_diffusers_wan_lora_to_diffusers) into WanTransformer3DModel holding the same weights
     (converted by diffusers' own single-file Wan converter), and changes its output as it changes ComfyUI's."""
-    from diffusers import WanPipeline
-    from peft.utils import get_peft_model_state_dict
     config = tiny_wan.WAN_TINY if family == "wan21" else tiny_wan.WAN22_5B_TINY
     patcher = load_unet(comfy, unet_files, family)
     model = diffusers_wan(patcher, config)
@@ -340,23 +316,10 @@ def test_diffusers_wan_loader_consumes_every_tensor_with_the_same_change(comfy, 
 
     path = tmp_path / f"{family}_{preset}.safetensors"
     safetensors.torch.save_file({k: v.contiguous() for k, v in lora.items()}, str(path))
-    pipe = WanPipeline(tokenizer=None, text_encoder=None, transformer=model, vae=None, scheduler=None)
-    lines = LogLines(logging.WARNING)
-    loggers = [logging.getLogger(n) for n in ("diffusers", "peft")]
-    for lg in loggers:
-        lg.addHandler(lines)
-    try:
-        pipe.load_lora_weights(str(path), adapter_name="dojo")
-    finally:
-        for lg in loggers:
-            lg.removeHandler(lines)
-    # The pipeline holds no text encoder; diffusers says so ("No LoRA keys associated to NoneType").
-    assert [m for m in lines.lines if "associated to NoneType" not in m] == []
-    assert len(get_peft_model_state_dict(model, adapter_name="dojo")) == len(lora)   # every tensor consumed
-    change_d = diffusers_out() - base_d
-    scale = change_c.abs().max().item()
-    assert scale > 1e-2
-    torch.testing.assert_close(change_d, change_c, rtol=1e-3, atol=1e-4 * max(scale, 1.0))
+    warnings, loaded, converted = load_in_diffusers(WanPipelineOnly, model, path)
+    assert warnings == []
+    assert len(loaded) == len(converted) == len(lora)   # every tensor of the file converted and in the model
+    assert_close_change(diffusers_out() - base_d, change_c)
 
 
 # ----------------------------------------------------------------- clips through Wan's VAEs

@@ -42,6 +42,8 @@ def stand_ins(comfy, tiny_clip_l, tiny_flux_vae, tiny_video_vae, tiny_hunyuan_vi
     models = base / "models"
     flux_ok = tiny_files.smallest_detectable_flux_hidden() <= 256 or os.environ.get("DOJO_BIG_TEST_MODELS") == "1"
     flux = tiny_files.provide_detectable_flux(base) if flux_ok else tiny_hunyuan_video_unet
+    import tiny_wan
+    wan21, wan_vae = tiny_wan.provide_wan21(base), tiny_wan.provide_wan21_vae(base)
     for folder, real, tiny in [
         ("diffusion_models", "flux1-dev.safetensors", flux),  # a name only where Flux is not detectable small
         ("diffusion_models", "hunyuan_video_t2v_720p_bf16.safetensors", tiny_hunyuan_video_unet),
@@ -53,6 +55,11 @@ def stand_ins(comfy, tiny_clip_l, tiny_flux_vae, tiny_video_vae, tiny_hunyuan_vi
         ("vae", "hunyuan_video_vae_bf16.safetensors", tiny_video_vae),
         ("checkpoints", "sd_xl_base_1.0.safetensors", smallest_sdxl_checkpoint),
         ("checkpoints", "v1-5-pruned-emaonly.safetensors", tiny_sd15_checkpoint),
+        ("diffusion_models", "wan2.2_t2v_high_noise_14B_fp16.safetensors", wan21),
+        ("diffusion_models", "wan2.2_t2v_low_noise_14B_fp16.safetensors", wan21),
+        ("diffusion_models", "wan2.1_t2v_1.3B_bf16.safetensors", wan21),
+        ("vae", "wan_2.1_vae.safetensors", wan_vae),
+        ("text_encoders", "umt5_xxl_fp8_e4m3fn_scaled.safetensors", tiny_clip_l),  # a name only (to_test_prompt)
     ]:
         source = next(p for p in models.rglob(tiny) if p.is_file())
         tiny_files.link_into(base, folder, real, source.resolve())
@@ -66,30 +73,14 @@ def stand_ins(comfy, tiny_clip_l, tiny_flux_vae, tiny_video_vae, tiny_hunyuan_vi
     dog = fresh_folder(comfy, "ohwx_dog")  # pivotal tuning: captions with and without the trigger word
     image(dog / "a.png", (64, 64), (150, 110, 60), "[trigger] dog sitting on grass")
     image(dog / "b.png", (64, 64), (160, 120, 70), "a dog on a sofa")
-    hv_images = fresh_folder(comfy, "hunyuan_images")
-    image(hv_images / "a.png", (64, 64), (120, 30, 30), "a red square standing still")
-    image(hv_images / "b.png", (64, 64), (30, 30, 120), "[trigger] a blue square")
-    clips = fresh_folder(comfy, "hunyuan_clips")
-    video(clips / "walk.mp4", 10, (64, 64), "a grey square fading in")
-    video(clips / "turn.mp4", 9, (64, 64), "[trigger] brightening")
-    import tiny_wan
-    wan21, wan_vae = tiny_wan.provide_wan21(base), tiny_wan.provide_wan21_vae(base)
-    for folder, real, tiny in [
-        ("diffusion_models", "wan2.2_t2v_high_noise_14B_fp16.safetensors", wan21),
-        ("diffusion_models", "wan2.2_t2v_low_noise_14B_fp16.safetensors", wan21),
-        ("diffusion_models", "wan2.1_t2v_1.3B_bf16.safetensors", wan21),
-        ("vae", "wan_2.1_vae.safetensors", wan_vae),
-        ("text_encoders", "umt5_xxl_fp8_e4m3fn_scaled.safetensors", tiny_clip_l),  # a name only (to_test_prompt)
-    ]:
-        source = next(p for p in models.rglob(tiny) if p.is_file())
-        tiny_files.link_into(base, folder, real, source.resolve())
+    for video_family in ("hunyuan", "wan"):  # the video workflows' image and clip folders
+        stills = fresh_folder(comfy, f"{video_family}_images")
+        image(stills / "a.png", (64, 64), (120, 30, 30), "a red square standing still")
+        image(stills / "b.png", (64, 64), (30, 30, 120), "[trigger] a blue square")
+        clips = fresh_folder(comfy, f"{video_family}_clips")
+        video(clips / "walk.mp4", 10, (64, 64), "a grey square fading in")
+        video(clips / "turn.mp4", 9, (64, 64), "[trigger] brightening")
     tiny_wan.register_tiny_umt5_node(comfy)
-    wan_images = fresh_folder(comfy, "wan_images")
-    image(wan_images / "a.png", (64, 64), (120, 30, 30), "a red square standing still")
-    image(wan_images / "b.png", (64, 64), (30, 30, 120), "[trigger] a blue square")
-    wan_clips = fresh_folder(comfy, "wan_clips")
-    video(wan_clips / "walk.mp4", 10, (64, 64), "a grey square fading in")
-    video(wan_clips / "turn.mp4", 9, (64, 64), "[trigger] brightening")
     cats = fresh_folder(comfy, "my_cat")
     for i, colour in enumerate([(90, 60, 30), (120, 80, 40)]):
         image(cats / f"cat{i}.png", (64, 64), colour)

@@ -27,6 +27,8 @@ alpha each, so an attention-only LoRA would not load there.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ..protocol import Family, TargetPreset
 from ..recipes import LoraRecipe
 from . import FamilySpec, FileMetadata, LoraLayout, register
@@ -65,22 +67,14 @@ WAN21 = register(FamilySpec(
     sample_cfg=5.0,
 ))
 
-WAN22_5B = register(FamilySpec(
+# The 5B: the same blocks and file layout over the Wan 2.2 VAE's 48-channel, 16x latents.
+WAN22_5B = register(replace(
+    WAN21,
     family=Family.WAN22_5B,
     label="Wan 2.2 5B",
     comfy_configs=("WAN22_T2V",),
     recipe=LoraRecipe(32, 1e-4, TargetPreset.ATTENTION_MLP, True, shift=TRAIN_SHIFT),
-    targets=TARGETS,
-    lora_layout=WAN_LAYOUT,
-    metadata=FileMetadata(base_model_version="wan", architecture="wan2.2-ti2v-5b",
-                          implementation="https://github.com/Wan-Video/Wan2.2",
-                          network_module="networks.lora_wan", default_resolution=(1280, 704),
-                          hub_base_model="Wan-AI/Wan2.2-TI2V-5B-Diffusers", diffusers_pipeline="WanPipeline"),
-    block_lists=("blocks",),
-    writes_in_place=False,
-    video=True,
-    frames_rule="4k+1",
-    vae_time_scale=4,
+    metadata=replace(WAN21.metadata, architecture="wan2.2-ti2v-5b", implementation="https://github.com/Wan-Video/Wan2.2",
+                     default_resolution=(1280, 704), hub_base_model="Wan-AI/Wan2.2-TI2V-5B-Diffusers"),
     vae_scale=16,
-    sample_cfg=5.0,
 ))
