@@ -6,36 +6,28 @@ loader consuming every tensor with the same output change, 4k+1-frame clips enco
 trained on, and the noise range each Wan 2.2 A14B expert's LoRA trains on."""
 import importlib
 import json
-import logging
 import sys
 
 import pytest
-import safetensors
 import safetensors.torch
 import torch
 
+import family_checks as checks
 import tiny_wan
 from test_dataset_nodes import fresh_folder, image, video
-from test_gradients_flux_hunyuan import Lora
-from test_hunyuan_video_lora import fixed_loss
 from test_lora_diffusers_roundtrip import assert_close_change, load_in_diffusers
 
 pytestmark = pytest.mark.integration
 
 FAMILIES = {"wan21": (tiny_wan.provide_wan21, "WAN21_T2V", "WAN21", 16),
             "wan22_5b": (tiny_wan.provide_wan22_5b, "WAN22_T2V", "WAN22", 48)}
-GRAD_TOLERANCE = 1e-4   # per block: max |g - g_ref| / max |g_ref|, g_ref in float64
 
 
 @pytest.fixture(scope="module")
 def dojo(comfy):
-    pack = sys.modules[comfy.pack_module_name()].__name__
-    names = ("nodes.lora_training", "nodes.comfy_model", "nodes.comfy_compat", "nodes.train_lora",
-             "nodes.grad_protection", "nodes.dataset_nodes", "nodes.lora_nodes", "training.protocol",
-             "training.batches", "training.encoded", "training.adapters", "training.loop", "training.timesteps",
-             "training.grad_safety")
-    mods = {name: importlib.import_module(f"{pack}.{name}") for name in names}
-    return type("Dojo", (), {k.split(".")[-1]: v for k, v in mods.items()})
+    ns = checks.pack(comfy)
+    ns.dataset_nodes = importlib.import_module(f"{sys.modules[comfy.pack_module_name()].__name__}.nodes.dataset_nodes")
+    return ns
 
 
 @pytest.fixture(scope="module")
@@ -72,37 +64,6 @@ def dataset(dojo, channels, seed=0):
     return dojo.encoded.EncodedDataset(samples, captions)
 
 
-def outputs(dojo, patcher, channels):
-    dojo.comfy_compat.load_for_compute(patcher)
-    view = dojo.comfy_model.ComfyDenoisingModel(patcher)
-    g = torch.Generator().manual_seed(7)
-    result = {}
-    for t in (1, 3):
-        x, cond = torch.randn(2, channels, t, 8, 8, generator=g), wan_cond(dojo, 2, g)
-        with torch.inference_mode():
-            result[t] = view.predict(x, torch.tensor([0.3, 0.9]), cond)
-    return result
-
-
-def job(dojo, steps, lr=1e-2, **kw):
-    train = dict(steps=steps, learning_rate=lr, precision=dojo.loop.Precision.FP32, seed=1)
-    train.update(kw.pop("train", {}))
-    return dojo.lora_training.LoraJob(
-        adapter=dojo.adapters.AdapterConfig(rank=4, alpha=4), targets=dojo.protocol.TargetPreset.ATTENTION_MLP,
-        train=dojo.loop.TrainConfig(**train), batch_size=2, **kw)
-
-
-class LogLines(logging.Handler):
-    """Every log line, whatever its level (independent of the pack's own capture_lora_warnings)."""
-
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.lines = []
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
-
-
 # --------------------------------------------------------------------------------- the stand-ins
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -128,49 +89,18 @@ def test_tiny_umt5_gives_wans_conditioning_shape(umt5):
 # ---------------------------------------------------------------------- learning and the base
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_lora_learns_leaves_the_base_and_loads_in_comfyui(comfy, dojo, unet_files, family, tmp_path):
-    channels = FAMILIES[family][3]
-    patcher, data = load_unet(comfy, unet_files, family), dataset(dojo, channels)
-    base = outputs(dojo, patcher, channels)
-    before = fixed_loss(dojo, patcher, data)
-    result = dojo.lora_training.train_lora(patcher, data, job(dojo, steps=40, gradient_checkpointing=True))
-    assert result.steps_done == 40 and not result.cancelled
-    assert all(torch.equal(v, base[k]) for k, v in outputs(dojo, patcher, channels).items())
-
+def test_lora_learns_leaves_the_base_and_loads_in_comfyui(comfy, dojo, unet_files, family):
+    """Issue 18 criterion 1 with family_checks: learning, the base bit-identical, strength 0, the file in
+    LoraLoaderModelOnly. Images and clips (1, 2 and 3 latent frames) in one dataset."""
+    patcher, data = load_unet(comfy, unet_files, family), dataset(dojo, FAMILIES[family][3])
+    with checks.base_unchanged(dojo, patcher, data):
+        # DOJO_TEST_MODEL_SEED=0..3: the loss fell to 0.49-0.52x (Wan 2.1) and 0.59-0.62x (5B); asked: 0.85x.
+        result = checks.check_learns(dojo, patcher, data, checks.lora_job(dojo, steps=40, gradient_checkpointing=True))
     assert all(k.startswith("diffusion_model.blocks.") and k.endswith((".lora_A.weight", ".lora_B.weight"))
                for k in result.lora.keys())
-    modules = len(result.lora.keys()) // 2
-    assert modules == 2 * 10   # 2 blocks x (self- and cross-attention q, k, v, o + ffn.0, ffn.2)
-    with dojo.comfy_compat.capture_lora_warnings() as unloaded:
-        trained, _ = dojo.comfy_compat.apply_lora(patcher, None, result.lora, 1.0, 0.0)
-        zero, _ = dojo.comfy_compat.apply_lora(patcher, None, result.lora, 0.0, 0.0)
-    assert unloaded == [] and len(trained.patches) == modules
-    after = fixed_loss(dojo, trained, data)
-    print(f"{family}: fixed-batch loss {before:.4f} -> {after:.4f} ({after / before:.2f}x)")
-    # DOJO_TEST_MODEL_SEED=0..3: 0.49-0.52x (Wan 2.1), 0.59-0.62x (5B); asked: 0.85x.
-    assert after < 0.85 * before, (before, after, result.losses[:3], result.losses[-3:])
-    changed = outputs(dojo, trained, channels)
-    assert all((changed[k] - base[k]).abs().max() > 1e-4 for k in base)
-    at_zero = outputs(dojo, zero, channels)
-    assert all(torch.equal(at_zero[k], base[k]) for k in base)
-
-    # The saved file through ComfyUI's own LoraLoaderModelOnly node: every key loads.
-    name = f"dojo_test_{family}.safetensors"
-    path = comfy.base / "models" / "loras" / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    safetensors.torch.save_file({k: v.contiguous() for k, v in result.lora.items()}, str(path),
-                                metadata=result.lora.metadata)
-    lines = LogLines()
-    logging.getLogger().addHandler(lines)
-    try:
-        loaded = comfy.nodes.LoraLoaderModelOnly().load_lora_model_only(patcher, name, 1.0)[0]
-    finally:
-        logging.getLogger().removeHandler(lines)
-    assert not [m for m in lines.lines if "lora key not loaded" in m]
-    assert len(loaded.patches) == modules
-    by_node = outputs(dojo, loaded, channels)
-    assert all(torch.allclose(by_node[k], changed[k], rtol=1e-4, atol=1e-5) for k in base)
-    outputs(dojo, patcher, channels)
+    assert checks.lora_modules(result.lora) == 2 * 10   # 2 blocks x (self-/cross-attention q, k, v, o, ffn.0, ffn.2)
+    checks.check_strength_zero(dojo, patcher, data, result.lora)
+    checks.check_loraloader(comfy, dojo, patcher, data, result.lora, f"tests/wan_checks_{family}")
 
 
 def test_auto_defaults_for_wan(comfy, dojo, unet_files):
@@ -192,64 +122,38 @@ def test_auto_defaults_for_wan(comfy, dojo, unet_files):
 
 # ---------------------------------------------------------------------------------- gradients
 
-BLOCK_TARGETS = ("self_attn.q", "self_attn.k", "self_attn.o", "cross_attn.q", "cross_attn.v", "ffn.0", "ffn.2")
-
-
-def wan_inputs(channels, dtype):
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(1, channels, 3, 8, 8, generator=g)
-    context = torch.randn(1, 12, 4096, generator=g)
-    return x.to(dtype), torch.tensor([600.0], dtype=dtype), context.to(dtype)
-
-
-def block_grads(net, lora, inputs, context):
-    for p in lora.params.values():
-        p.grad = None
-    with torch.inference_mode(False), torch.enable_grad(), context:
-        out = net(*inputs)
-        (out.double() ** 2).mean().backward()
-    return {k: p.grad.detach().double().clone() for k, p in lora.params.items()}
-
-
-def per_block_errors(got, ref):
-    blocks = {}
-    for key in ref:
-        block = key.split(".")[1]
-        err = ((got[key] - ref[key]).abs().max() / ref[key].abs().max()).item()
-        blocks[block] = max(blocks.get(block, 0.0), err)
-    return blocks
+def float64_wan(patcher):
+    """family_checks.float64_copy for Wan: ComfyUI's Wan embeds patches from x.float(), which float64
+    weights under ComfyUI's default ops refuse; its manual_cast ops cast that one conv's weights to the
+    float32 input, and everything after it runs in float64."""
+    import comfy.model_patcher
+    import comfy.ops
+    config = patcher.model.model_config
+    previous, config.custom_operations = config.custom_operations, comfy.ops.manual_cast
+    try:
+        with torch.inference_mode(False):
+            model = config.get_model({})
+            missing, unexpected = model.load_state_dict(patcher.model.state_dict(), strict=False)
+            assert not unexpected and not [k for k in missing if k.startswith("diffusion_model.")]
+            model = model.to(torch.float64)
+    finally:
+        config.custom_operations = previous
+    model.diffusion_model.dtype = torch.float64
+    model.manual_cast_dtype = None
+    return comfy.model_patcher.ModelPatcher(model, load_device=patcher.load_device, offload_device=patcher.offload_device)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_gradients_match_a_float64_out_of_place_reference(comfy, dojo, family, checkpointing):
-    """Reference: the same network in float64 (but for its first patch-embedding conv, which ComfyUI's
-    Wan runs in float32), every tensor autograd saves copied at the moment it is saved (so no later write can change it: an out-of-place computation), with the differentiable RoPE.
-    Wan's blocks write nothing in place (measured: the unprotected backward equals the reference)."""
-    config = tiny_wan.WAN_TINY if family == "wan21" else tiny_wan.WAN22_5B_TINY
-    channels = config["in_dim"]
-    net = tiny_wan.wan_network(config, seed=31).requires_grad_(False)
-    # ComfyUI's Wan embeds patches from x.float(): manual_cast ops cast that one conv's float64 weights down
-    # and everything after it runs in float64.
-    import comfy.ops
-    net64 = tiny_wan.wan_network(config, seed=31, operations=comfy.ops.manual_cast).double().requires_grad_(False)
-    lora = Lora(net, seed=2, targets=BLOCK_TARGETS)
-    lora64 = Lora(net64, seed=2, targets=BLOCK_TARGETS, dtype=torch.float64)   # the same values, in float64
-    try:
-        subs = dojo.comfy_compat.rope_substitutions()
-        ref = block_grads(net64, lora64, wan_inputs(channels, torch.float64),
-                          dojo.grad_safety.clone_all_saved_tensors(subs))
-        assert len(ref) == 2 * 2 * len(BLOCK_TARGETS) and all(g.abs().max() > 0 for g in ref.values())
-        got = block_grads(net, lora, wan_inputs(channels, torch.float32),
-                          dojo.grad_protection.protected_comfy_training(net, checkpointing))
-        errors = per_block_errors(got, ref)
-        print(f"{family} checkpointing={checkpointing}: per-block relative error vs float64 {errors}")
-        assert set(errors) == {"0", "1"} and max(errors.values()) < GRAD_TOLERANCE, errors
-        # The protection leaves nothing installed on the blocks.
-        assert all("forward" not in vars(b) and not b._forward_hooks for b in net.blocks)
-    finally:
-        lora.remove()
-        lora64.remove()
+def test_gradients_match_a_float64_out_of_place_reference(comfy, dojo, unet_files, family):
+    """family_checks.check_gradients: one step through Dojo's training region, checkpointing off and on,
+    against the float64 copy with every saved tensor copied (out of place); per block < 1e-4. Wan's
+    blocks write nothing in place, so the spec asks for no copy-on-write protection: this shows it is
+    not needed."""
+    patcher = load_unet(comfy, unet_files, family)
+    data = dataset(dojo, FAMILIES[family][3])
+    assert not dojo.comfy_model.ComfyDenoisingModel(patcher).spec.writes_in_place
+    report = checks.check_gradients(dojo, patcher, data, reference_patcher=float64_wan(patcher))
+    assert set(report) == {False, True} and all(len(errors) == 2 for errors in report.values())
 
 
 # ----------------------------------------------------------------------------------- diffusers
@@ -286,9 +190,9 @@ def test_diffusers_wan_loader_consumes_every_tensor_with_the_same_change(comfy, 
     config = tiny_wan.WAN_TINY if family == "wan21" else tiny_wan.WAN22_5B_TINY
     patcher = load_unet(comfy, unet_files, family)
     model = diffusers_wan(patcher, config)
-    x, t, context = wan_inputs(config["in_dim"], torch.float32)
-    t = torch.tensor([300.0, 800.0])
-    x, context = torch.cat([x, -x]), torch.cat([context, context.flip(1)])
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, config["in_dim"], 3, 8, 8, generator=g)
+    t, context = torch.tensor([300.0, 800.0]), torch.randn(2, 12, 4096, generator=g)
 
     def comfy_out(p):
         dojo.comfy_compat.load_for_compute(p)
@@ -349,10 +253,9 @@ def test_4k_plus_1_frame_clips_encode_with_wans_vae_and_train(comfy, dojo, unet_
                                                                (channels, 3, spatial, spatial)}
     assert all(tuple(s.cond.context.shape) == (1, 512, 4096) for s in encoded.samples)
     patcher = load_unet(comfy, unet_files, family)
-    base = outputs(dojo, patcher, channels)
-    result = dojo.lora_training.train_lora(patcher, encoded, job(dojo, steps=3, lr=1e-3))
+    with checks.base_unchanged(dojo, patcher, encoded):
+        result = dojo.lora_training.train_lora(patcher, encoded, checks.lora_job(dojo, steps=3, lr=1e-3))
     assert result.steps_done == 3 and all(torch.isfinite(torch.tensor(result.losses)))
-    assert all(torch.equal(v, base[k]) for k, v in outputs(dojo, patcher, channels).items())
 
     six = dataset_of(f"wan_set_{family}", resolution=64, bucket_step=64, min_side=64, max_side=128,
                      frames_per_clip=6).args[0]
