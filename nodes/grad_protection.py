@@ -106,9 +106,13 @@ def training_region(model, checkpointing: bool, blocks_to_swap: int = 0,
         stats = None
         stack.enter_context(cc.comfy_training_mode())
         protect = needs_protection(model, spec)
-        if checkpointing or protect:
+        # Transformers need the substitutions whenever ComfyUI would call an op without a backward (0.8's
+        # RoPE), also when they neither write in place nor checkpoint (Wan with checkpointing off); UNets
+        # call no RoPE and keep their steps free of the substitution's per-op dispatch.
+        substitutions = cc.training_substitutions() if spec.block_lists else {}
+        if checkpointing or protect or substitutions:
             stats = stack.enter_context(
-                protected_training(checkpoint_units(model, spec), checkpointing, cc.training_substitutions(), protect))
+                protected_training(checkpoint_units(model, spec), checkpointing, substitutions, protect))
         if blocks_to_swap > 0:
             if not supports_block_swap(model, spec):
                 # A UNet's input/output blocks are not called as modules (ComfyUI's forward_timestep_embed

@@ -19,7 +19,7 @@ from ..training.checkpoints import RunCheckpoints
 from ..training.distributed import PeerLost, data_parallel
 from ..training.encoded import EncodedDataset
 from ..training.families import FamilySpec
-from ..training.file_metadata import latent_resolution, lora_file_keys, network_shape_keys
+from ..training.file_metadata import latent_resolution, lora_file_keys, network_shape_keys, timestep_range_keys
 from ..training.loop import Callbacks, TrainConfig, TrainState, train
 from ..training.lora_formats import check_lora_tensors, factors_from_state_dict, lora_state_dict
 from ..training.protocol import TargetPreset
@@ -190,6 +190,7 @@ def train_lora(model_patcher, dataset: EncodedDataset, job: LoraJob) -> LoraResu
                                  unet_lr=job.train.learning_rate, prediction=view.schedule.prediction.value,
                                  text_encoder_lr=job.text_encoder.learning_rate if job.text_encoder else None,
                                  trigger_phrase=dataset.info.get("trigger_word") or None),
+                **timestep_range_keys(job.train.timestep_range),
                 **job.extra_metadata}
     lora = DojoLoRA({k: v.cpu() for k, v in tensors.items()}, metadata)
     pivotal = job.text_encoder.embedding if job.text_encoder is not None else None

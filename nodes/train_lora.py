@@ -89,7 +89,7 @@ def resolve_auto_settings(view: ComfyDenoisingModel, *, rank: int = 0, learning_
                           targets: str = AUTO, timestep_sampling: str = AUTO, shift: float = 0.0,
                           gradient_checkpointing: str = AUTO) -> AutoSettings:
     """A set value always wins; 'auto' and 0 take the family recipe (its spec's, training/families) and
-    the model's own sampling shift."""
+    its training shift, else the model's own sampling shift."""
     recipe = view.spec.recipe
     if gradient_checkpointing == AUTO:
         size = sum(p.numel() for p in view.diffusion_model.parameters())
@@ -100,7 +100,7 @@ def resolve_auto_settings(view: ComfyDenoisingModel, *, rank: int = 0, learning_
         else TimestepSampling(timestep_sampling)
     return AutoSettings(rank=rank or recipe.rank, learning_rate=learning_rate or recipe.learning_rate,
                         targets=recipe.targets if targets == AUTO else TargetPreset(targets),
-                        timestep_sampling=sampling, shift=shift or view.schedule.shift,
+                        timestep_sampling=sampling, shift=shift or recipe.shift or view.schedule.shift,
                         gradient_checkpointing=checkpointing)
 
 
@@ -195,6 +195,13 @@ class DojoTrainLoRA(io.ComfyNode):
                                               "zeroed out). Unused at cfg 1."),
                 io.Vae.Input("preview_vae", optional=True, tooltip="The VAE that decodes the previews."),
                 *sample_widgets(),
+                io.Float.Input("timestep_min", default=0.0, min=0.0, max=1.0, step=0.005, optional=True,
+                               tooltip="Train only on noise levels t >= this (0 = clean, 1 = pure noise), with "
+                                       "timestep_sampling's own distribution inside the range. Wan 2.2 A14B: "
+                                       "0.875 for the high-noise expert's LoRA, 0 for the low-noise one."),
+                io.Float.Input("timestep_max", default=1.0, min=0.0, max=1.0, step=0.005, optional=True,
+                               tooltip="Train only on noise levels t <= this. Wan 2.2 A14B: 1 for the high-noise "
+                                       "expert, 0.875 for the low-noise one. Recorded in the file's metadata."),
             ],
             outputs=[
                 io.LoraModel.Output(display_name="lora", tooltip="The trained LoRA, for Dojo Apply/Save LoRA."),
@@ -209,7 +216,8 @@ class DojoTrainLoRA(io.ComfyNode):
                 noise_offset, gradient_checkpointing, precision, seed, checkpoint_every, run_name,
                 resume_from="", blocks_to_swap=-1, continue_from=None, clip=None, text_encoder_lr=0.0,
                 te_targets=TeTargets.ATTENTION_MLP.value, pivotal=None, memory_plan=AUTO, preview_positive=None,
-                preview_negative=None, preview_vae=None, **sample) -> io.NodeOutput:
+                preview_negative=None, preview_vae=None, timestep_min=0.0, timestep_max=1.0,
+                **sample) -> io.NodeOutput:
         view = ComfyDenoisingModel(model)
         auto = resolve_auto_settings(view, rank=rank, learning_rate=learning_rate, targets=targets,
                                      timestep_sampling=timestep_sampling, shift=shift,
@@ -220,7 +228,8 @@ class DojoTrainLoRA(io.ComfyNode):
             steps=steps, learning_rate=auto.learning_rate, optimizer=OptimizerKind(optimizer),
             grad_accumulation=grad_accumulation, lr_schedule=LRSchedule(lr_schedule), warmup_steps=warmup_steps,
             timestep_sampling=auto.timestep_sampling, shift=shift or None, min_snr_gamma=min_snr_gamma,
-            noise_offset=noise_offset, precision=Precision(precision), seed=seed)
+            noise_offset=noise_offset, precision=Precision(precision), seed=seed,
+            timestep_range=(float(timestep_min), float(timestep_max)))
         root = checkpoint_root()
         folders = run_folders(root, resume_from, run_name, "dojo_lora", "Dojo Train LoRA")
         job = LoraJob(

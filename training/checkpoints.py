@@ -26,7 +26,9 @@ _STEP_NAME = re.compile(r"^step_\d{6,}$")
 # interval, may change).
 RUN_IDENTITY_KEYS = ("family", "adapter", "rank", "alpha", "targets", "seed", "batch_size", "grad_accumulation",
                      "learning_rate", "optimizer", "lr_schedule", "warmup_steps", "timestep_sampling",
-                     "dataset_fingerprint", "embedding_name", "init_word", "caption_mode")
+                     "dataset_fingerprint", "embedding_name", "init_word", "caption_mode", "timestep_range")
+# What a checkpoint written before a key existed ran with.
+_IDENTITY_DEFAULTS = {"timestep_range": [0.0, 1.0]}
 
 
 class CheckpointError(ValueError):
@@ -182,8 +184,10 @@ def plan_run_folders(root: Path, resume: Path | None, run_stem: str) -> RunFolde
 
 def check_resumable(checkpoint: Checkpoint, run: dict) -> None:
     """Refuse to resume a checkpoint from another run configuration, naming every difference."""
-    diffs = [f"{k}: checkpoint {checkpoint.run.get(k)!r} vs now {run.get(k)!r}"
-             for k in RUN_IDENTITY_KEYS if checkpoint.run.get(k) != run.get(k)]
+    def value(settings: dict, k: str):
+        return settings.get(k, _IDENTITY_DEFAULTS.get(k))
+    diffs = [f"{k}: checkpoint {value(checkpoint.run, k)!r} vs now {value(run, k)!r}"
+             for k in RUN_IDENTITY_KEYS if value(checkpoint.run, k) != value(run, k)]
     if diffs:
         raise CheckpointError("this checkpoint belongs to a different run configuration; resume with the same "
                               "settings or start a new run. Differences: " + "; ".join(diffs))

@@ -89,6 +89,17 @@ def network_shape_keys(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
             "ss_network_alpha": str(alpha_values.pop()) if len(alpha_values) == 1 else "Dynamic"}
 
 
+def timestep_range_keys(t_range) -> dict[str, str]:
+    """A run trained on part of the noise levels (a Wan 2.2 A14B expert's LoRA) says which: kohya's
+    ss_min_timestep / ss_max_timestep (0..1000, as kohya and musubi-tuner count) and dojo_timestep_range
+    (t in [0, 1]). Nothing for the full range, which every other file has."""
+    lo, hi = (float(v) for v in t_range)
+    if (lo, hi) == (0.0, 1.0):
+        return {}
+    return {"ss_min_timestep": str(round(lo * 1000)), "ss_max_timestep": str(round(hi * 1000)),
+            "dojo_timestep_range": json.dumps([lo, hi])}
+
+
 def modelspec_keys(family: FamilyLike, *, kind: str = KIND_LORA, title: str, resolution: tuple[int, int] | None,
                    timestamp: float, trigger_phrase: str | None = None, prediction: str | None = None,
                    description: str | None = None) -> dict[str, str]:

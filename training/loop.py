@@ -20,7 +20,7 @@ from .batches import BatchSchedule, step_generator
 from .distributed import SingleProcess, slice_conditioning
 from .optimizers import OptimizerKind, make_optimizer as make_base_optimizer
 from .protocol import DenoisingModel, Prediction
-from .timesteps import TimestepSampling, sample_timesteps
+from .timesteps import FULL_RANGE, TimestepSampling, check_range, sample_timesteps
 
 
 class LRSchedule(str, enum.Enum):
@@ -44,6 +44,8 @@ class TrainConfig:
     warmup_steps: int = 0
     timestep_sampling: TimestepSampling = TimestepSampling.UNIFORM
     shift: float | None = None          # None: the model's own inference shift
+    # The noise levels (t in [0, 1]) training samples from, e.g. one Wan 2.2 A14B expert's share.
+    timestep_range: tuple[float, float] = FULL_RANGE
     min_snr_gamma: float = 0.0          # 0: off; eps / v models only
     noise_offset: float = 0.0           # eps / v models only
     weight_decay: float = 1e-2
@@ -60,9 +62,11 @@ class TrainConfig:
             raise ValueError(f"gradient accumulation must be at least 1 (got {self.grad_accumulation})")
         if self.warmup_steps < 0 or (self.warmup_steps > 0 and self.warmup_steps >= self.steps):
             raise ValueError(f"warm-up ({self.warmup_steps} steps) must be shorter than training ({self.steps} steps)")
+        check_range(self.timestep_range)
 
     def to_dict(self) -> dict:
-        return {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in asdict(self).items()}
+        return {k: (v.value if isinstance(v, enum.Enum) else list(v) if isinstance(v, tuple) else v)
+                for k, v in asdict(self).items()}
 
 
 class TrainingDiverged(RuntimeError):
@@ -161,7 +165,8 @@ def train(model: DenoisingModel, adapter: AttachedAdapter, data: BatchSchedule, 
                 batch = data.batch(step * config.grad_accumulation + micro)
                 latents = batch.latents.to(device, torch.float32)
                 g = step_generator(config.seed, step * config.grad_accumulation + micro)
-                t = sample_timesteps(config.timestep_sampling, latents.shape[0], g, shift=shift)
+                t = sample_timesteps(config.timestep_sampling, latents.shape[0], g, shift=shift,
+                                     t_range=config.timestep_range)
                 noise = torch.randn(latents.shape, generator=g)
                 if config.noise_offset and not model.schedule.is_flow:
                     noise = noise + config.noise_offset * torch.randn(

@@ -18,6 +18,7 @@ class LoraRecipe:
     learning_rate: float
     targets: TargetPreset
     gradient_checkpointing: bool
+    shift: float | None = None      # the shift 'shift' sampling trains with; None: the model's inference shift
 
 
 # Models this large train with gradient checkpointing by default (activations dominate memory).

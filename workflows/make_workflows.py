@@ -54,6 +54,18 @@ MODELS = {
                                             "text_encoders/llava_llama3_fp8_scaled.safetensors", "text_encoders"),
     "hunyuan_video_vae_bf16.safetensors": (HF + "Comfy-Org/HunyuanVideo_repackaged/resolve/main/split_files/vae/"
                                            "hunyuan_video_vae_bf16.safetensors", "vae"),
+    "wan2.2_t2v_high_noise_14B_fp16.safetensors": (HF + "Comfy-Org/Wan_2.2_ComfyUI_Repackaged/resolve/main/"
+                                                   "split_files/diffusion_models/wan2.2_t2v_high_noise_14B_fp16.safetensors",
+                                                   "diffusion_models"),
+    "wan2.2_t2v_low_noise_14B_fp16.safetensors": (HF + "Comfy-Org/Wan_2.2_ComfyUI_Repackaged/resolve/main/"
+                                                  "split_files/diffusion_models/wan2.2_t2v_low_noise_14B_fp16.safetensors",
+                                                  "diffusion_models"),
+    "wan2.1_t2v_1.3B_bf16.safetensors": (HF + "Comfy-Org/Wan_2.1_ComfyUI_repackaged/resolve/main/split_files/"
+                                         "diffusion_models/wan2.1_t2v_1.3B_bf16.safetensors", "diffusion_models"),
+    "umt5_xxl_fp8_e4m3fn_scaled.safetensors": (HF + "Comfy-Org/Wan_2.1_ComfyUI_repackaged/resolve/main/split_files/"
+                                               "text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors", "text_encoders"),
+    "wan_2.1_vae.safetensors": (HF + "Comfy-Org/Wan_2.2_ComfyUI_Repackaged/resolve/main/split_files/vae/"
+                                "wan_2.1_vae.safetensors", "vae"),
 }
 
 
@@ -563,6 +575,182 @@ def hunyuan_lora(comfy, clips: bool) -> Workflow:
     return w
 
 
+# ------------------------------------------------------------------------------------------- Wan
+
+WAN_NEGATIVE = "blurry, low quality, static, still picture, jpeg artifacts, deformed, extra limbs, watermark, text"
+
+
+def wan_loaders(w, unets):
+    """UNETLoader per file (Wan 2.2 A14B: the high-noise and the low-noise expert), umt5-xxl, Wan 2.1 VAE."""
+    loaded = [w.add("UNETLoader", title=title, node_width=380, unet_name=name, weight_dtype="default")
+              for title, name in unets]
+    clip = w.add("CLIPLoader", node_width=380, clip_name="umt5_xxl_fp8_e4m3fn_scaled.safetensors", type="wan",
+                 device="default")
+    vae = w.add("VAELoader", node_width=380, vae_name="wan_2.1_vae.safetensors")
+    return loaded, clip, vae
+
+
+def wan_prompts(w, clip, text):
+    pos = w.add("CLIPTextEncode", node_width=380, text=text)
+    w.link(clip, "CLIP", pos, "clip")
+    neg = w.add("CLIPTextEncode", node_width=380, title="Negative", text=WAN_NEGATIVE)
+    w.link(clip, "CLIP", neg, "clip")
+    return pos, neg
+
+
+def wan_video_out(w, latent_node, vae, prefix, tiled=True):
+    decode = w.add("VAEDecodeTiled", tile_size=256, overlap=64, temporal_size=64, temporal_overlap=8) if tiled \
+        else w.add("VAEDecode")
+    w.link(latent_node, "LATENT", decode, "samples")
+    w.link(vae, "VAE", decode, "vae")
+    video = w.add("SaveWEBM", node_width=400, filename_prefix=prefix, codec="vp9", fps=16.0, crf=32.0)
+    w.link(decode, "IMAGE", video, "images")
+
+
+def wan22_a14b_clips(comfy) -> Workflow:
+    """Wan 2.2 A14B from clips: one LoRA per expert, each trained on its own noise levels, both applied at
+    sampling in ComfyUI's two-KSamplerAdvanced Wan 2.2 pattern."""
+    name = "dojo_wan22_video_lora_clips"
+    w = Workflow(comfy, name)
+    w.group("Step 1 - Load Wan 2.2 A14B")
+    w.note("Wan 2.2 A14B video LoRA from clips. Wan 2.2 A14B is two networks: a high-noise expert makes "
+           "the layout and motion (the noisiest steps), a low-noise expert the detail. Each gets its own LoRA, "
+           "trained only on its share of the noise levels.\n\n"
+           "Models (ComfyUI's repackaged Wan files):\n"
+           "- models/diffusion_models/wan2.2_t2v_high_noise_14B_fp16.safetensors\n"
+           "- models/diffusion_models/wan2.2_t2v_low_noise_14B_fp16.safetensors\n"
+           "- models/text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors\n"
+           "- models/vae/wan_2.1_vae.safetensors\n\n"
+           "Each expert is a 14B model: training one needs a ~48 GB GPU in bf16; on 24 GB set the loaders' "
+           "weight_dtype to fp8_e4m3fn (the memory plan also swaps blocks to CPU when needed). The two "
+           "trainers run one after the other.", title="Read me")
+    (high, low), clip, vae = wan_loaders(w, [("Load high-noise expert", "wan2.2_t2v_high_noise_14B_fp16.safetensors"),
+                                             ("Load low-noise expert", "wan2.2_t2v_low_noise_14B_fp16.safetensors")])
+    enc = dataset_group(
+        w, vae, clip,
+        "Put video files (mp4, webm, mov, ...) in ComfyUI/input/wan_clips, each with a .txt caption of the "
+        "same name (clip.mp4 + clip.txt). The trigger word goes in front of every caption (or where it says "
+        "[trigger]).\n\nClips: frames_per_clip must be 4k+1 (Wan's VAE packs 4 frames per latent after the "
+        "first): 33 frames = 2 s at Wan's 16 fps; target_fps 16 resamples every video first. clip_mode "
+        "'uniform' takes clips_per_video clips spread over each video. Resolution 384 keeps 33-frame clips "
+        "affordable; raise it if you have the memory.",
+        folder="wan_clips", trigger_word="wanstyle", resolution=384, min_side=256, max_side=768,
+        frames_per_clip=33, clip_mode="uniform", clips_per_video=2, target_fps=16.0)
+    w.group("Step 3 - Train one LoRA per expert")
+    w.note("Two Dojo Train LoRA nodes on the same encoded clips. The high-noise expert's LoRA trains on "
+           "noise levels 0.875 .. 1 (timestep_min / timestep_max), the low-noise expert's on 0 .. 0.875: the "
+           "boundary where Wan 2.2 T2V hands over from one expert to the other (musubi-tuner's and "
+           "ai-toolkit's 0.875). Inside its range each keeps Wan's shifted timestep distribution.\n\n"
+           "Recipe: rank 32, learning rate 1e-4 (ai-toolkit's Wan 2.2 14B value), 1000 steps each, AdamW, "
+           "bf16 autocast, attention + feed-forward of every block, gradient checkpointing. Previews are off "
+           "here: one expert alone does not make a finished video; Step 4 samples with both. Cancel keeps a "
+           "checkpoint in output/dojo_checkpoints/<run_name>; resume_from continues it.", title="Train")
+    settings = dict(steps=1000, rank=32, learning_rate=1e-4, precision="bf16", checkpoint_every=250, seed=42)
+    trainers = []
+    for model, title, run, lo, hi in ((high, "Train LoRA: high-noise expert", "wan22_high_noise", 0.875, 1.0),
+                                      (low, "Train LoRA: low-noise expert", "wan22_low_noise", 0.0, 0.875)):
+        if trainers:
+            w.column()
+        trainer = w.add("DojoTrainLoRA", title=title, node_width=340, run_name=run, timestep_min=lo,
+                        timestep_max=hi, **settings)
+        w.link(model, "MODEL", trainer, "model")
+        w.link(enc, "encoded_dataset", trainer, "dataset")
+        trainers.append(trainer)
+    w.group("Step 4 - Try it: both LoRAs, both experts")
+    w.note("ComfyUI's Wan 2.2 pattern: each expert with its own LoRA and shift 8 (ModelSamplingSD3); the "
+           "first KSamplerAdvanced runs the high-noise expert for steps 0-10 of 20 and hands its leftover "
+           "noise to the second, which runs the low-noise expert for steps 10-20. cfg 3.5, euler / simple. "
+           "81 frames = 5 s at 16 fps (4k+1).", title="Apply and sample")
+    shifted = []
+    for model, trainer in ((high, trainers[0]), (low, trainers[1])):
+        apply = w.add("DojoApplyLoRA", strength_model=1.0, strength_clip=1.0)
+        w.link(model, "MODEL", apply, "model")
+        w.link(trainer, "lora", apply, "lora")
+        shift = w.add("ModelSamplingSD3", shift=8.0)
+        w.link(apply, "model", shift, "model")
+        shifted.append(shift)
+    pos, neg = wan_prompts(w, clip, "wanstyle, a paper boat drifting down a rain-soaked street, slow camera pan")
+    w.column()
+    latent = w.add("EmptyHunyuanLatentVideo", width=640, height=640, length=81, batch_size=1)
+    first = w.add("KSamplerAdvanced", title="KSampler (high-noise expert)", add_noise="enable", noise_seed=42,
+                  steps=20, cfg=3.5, sampler_name="euler", scheduler="simple", start_at_step=0, end_at_step=10,
+                  return_with_leftover_noise="enable")
+    second = w.add("KSamplerAdvanced", title="KSampler (low-noise expert)", add_noise="disable", noise_seed=42,
+                   steps=20, cfg=3.5, sampler_name="euler", scheduler="simple", start_at_step=10, end_at_step=10000,
+                   return_with_leftover_noise="disable")
+    for sampler, model in ((first, shifted[0]), (second, shifted[1])):
+        w.link(model, "MODEL", sampler, "model")
+        w.link(pos, "CONDITIONING", sampler, "positive")
+        w.link(neg, "CONDITIONING", sampler, "negative")
+    w.link(latent, "LATENT", first, "latent_image")
+    w.link(first, "LATENT", second, "latent_image")
+    wan_video_out(w, second, vae, "dojo/" + name.replace("dojo_", ""))
+    w.group("Step 5 - Save the LoRAs")
+    w.note("Two files, one per expert (models/loras/dojo/wan22_high_noise_*.safetensors and "
+           "wan22_low_noise_*), in the layout ComfyUI's LoraLoaderModelOnly, diffusers and musubi-tuner read "
+           "(diffusion_model.blocks.N....lora_A / lora_B). Their metadata records the noise range each trained "
+           "on. Load each onto its own expert, as in Step 4.", title="Save")
+    for trainer, run, base in ((trainers[0], "wan22_high_noise", "wan2.2_t2v_high_noise_14B_fp16.safetensors"),
+                               (trainers[1], "wan22_low_noise", "wan2.2_t2v_low_noise_14B_fp16.safetensors")):
+        saver = w.add("DojoSaveLoRA", node_width=340, filename_prefix="dojo/" + run, save_dtype="bf16",
+                      trigger_word="wanstyle", base_model_name=base)
+        w.link(trainer, "lora", saver, "lora")
+    return w
+
+
+def wan_images(comfy) -> Workflow:
+    """Wan 2.1 T2V 1.3B LoRA from captioned images (one-frame videos), sampled as a video."""
+    name = "dojo_wan_lora_images"
+    w = Workflow(comfy, name)
+    w.group("Step 1 - Load Wan 2.1")
+    w.note("Wan LoRA from captioned images, on Wan 2.1 T2V 1.3B (a 14B Wan 2.1 or a Wan 2.2 A14B expert "
+           "trains the same way: change the file).\n\n"
+           "Models (ComfyUI's repackaged Wan files):\n"
+           "- models/diffusion_models/wan2.1_t2v_1.3B_bf16.safetensors\n"
+           "- models/text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors\n"
+           "- models/vae/wan_2.1_vae.safetensors\n\n"
+           "The 1.3B model trains on images in ~12 GB of GPU memory (bf16, gradient checkpointing).",
+           title="Read me")
+    (unet,), clip, vae = wan_loaders(w, [("Load Wan 2.1 T2V 1.3B", "wan2.1_t2v_1.3B_bf16.safetensors")])
+    enc = dataset_group(
+        w, vae, clip,
+        "Put your images in ComfyUI/input/wan_images, each with a .txt caption of the same name. The "
+        "trigger word (wanstyle) goes in front of every caption, or where a caption says [trigger].\n\n"
+        "Images train Wan as one-frame videos (frames_per_clip 1): the style or subject carries over to "
+        "generated videos. Buckets of about 512 x 512 pixels, any aspect ratio.",
+        folder="wan_images", trigger_word="wanstyle", resolution=512, min_side=256, max_side=1024)
+    trainer = train_group(
+        w, unet, enc,
+        "The Wan recipe (musubi-tuner's): rank 32, learning rate 2e-4 (0 = these family defaults), 1000 "
+        "steps, AdamW, batch 1, bf16 autocast. Flow-matching objective; 'auto' timesteps sample with "
+        "musubi-tuner's training shift 3 (Wan samples at 8). Training adapts the attention and feed-forward "
+        "layers of every block ('auto').\n\nEvery 250 steps the node previews the Step 4 prompt as a 5-frame "
+        "video, saved as samples/step_NNNNNN.webp. Cancel keeps a checkpoint in "
+        "output/dojo_checkpoints/<run_name>; resume_from continues it.",
+        dict(steps=1000, rank=32, learning_rate=2e-4, precision="bf16", checkpoint_every=250, seed=42,
+             sample_frames=5), name.replace("dojo_", ""))
+    w.group("Step 4 - Try it: apply and make a video")
+    w.note("Dojo Apply LoRA, then Wan 2.1 sampling as in ComfyUI's template: shift 8 (ModelSamplingSD3), "
+           "cfg 6, uni_pc / simple, 30 steps. 33 frames = 2 s at 16 fps (4k+1).", title="Apply and sample")
+    apply = w.add("DojoApplyLoRA", strength_model=1.0, strength_clip=1.0)
+    w.link(unet, "MODEL", apply, "model")
+    w.link(trainer, "lora", apply, "lora")
+    shift = w.add("ModelSamplingSD3", shift=8.0)
+    w.link(apply, "model", shift, "model")
+    pos, neg = wan_prompts(w, clip, "wanstyle, a red fox walking through fresh snow in a pine forest, morning light")
+    preview(w, trainer, pos, neg, vae)
+    w.column()
+    latent = w.add("EmptyHunyuanLatentVideo", width=832, height=480, length=33, batch_size=1)
+    sampler = w.add("KSampler", seed=42, steps=30, cfg=6.0, sampler_name="uni_pc", scheduler="simple", denoise=1.0)
+    w.link(shift, "MODEL", sampler, "model")
+    w.link(pos, "CONDITIONING", sampler, "positive")
+    w.link(neg, "CONDITIONING", sampler, "negative")
+    w.link(latent, "LATENT", sampler, "latent_image")
+    wan_video_out(w, sampler, vae, "dojo/" + name.replace("dojo_", ""))
+    save_group(w, trainer, "dojo/" + name.replace("dojo_", ""), "wanstyle", "wan2.1_t2v_1.3B_bf16.safetensors", "bf16")
+    return w
+
+
 WORKFLOWS = {
     "dojo_flux_lora_trigger_word": flux_lora,
     "dojo_sdxl_lora_captions": sdxl_lora,
@@ -570,6 +758,8 @@ WORKFLOWS = {
     "dojo_sd15_textual_inversion": sd15_textual_inversion,
     "dojo_hunyuan_video_lora_images": lambda c: hunyuan_lora(c, clips=False),
     "dojo_hunyuan_video_lora_clips": lambda c: hunyuan_lora(c, clips=True),
+    "dojo_wan22_video_lora_clips": wan22_a14b_clips,
+    "dojo_wan_lora_images": wan_images,
 }
 
 
@@ -618,7 +808,9 @@ def workflow_title(name: str) -> str:
             "dojo_sdxl_pivotal_tuning": "Dojo: SDXL pivotal tuning (LoRA + trigger-word embedding)",
             "dojo_sd15_textual_inversion": "Dojo: SD1.5 textual inversion, used with weights",
             "dojo_hunyuan_video_lora_images": "Dojo: HunyuanVideo LoRA from captioned images",
-            "dojo_hunyuan_video_lora_clips": "Dojo: HunyuanVideo LoRA from video clips"}[name]
+            "dojo_hunyuan_video_lora_clips": "Dojo: HunyuanVideo LoRA from video clips",
+            "dojo_wan22_video_lora_clips": "Dojo: Wan 2.2 A14B video LoRA (both experts) from clips",
+            "dojo_wan_lora_images": "Dojo: Wan 2.1 / 2.2 LoRA from captioned images"}[name]
 
 
 def main():

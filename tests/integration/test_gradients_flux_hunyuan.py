@@ -37,13 +37,13 @@ def pack(comfy):
 class Lora:
     """Trainable deltas x @ A @ B added to a few Linear outputs through forward hooks."""
 
-    def __init__(self, net, seed=0, rank=2, targets=LORA_TARGETS):
+    def __init__(self, net, seed=0, rank=2, targets=LORA_TARGETS, dtype=torch.float32):
         g = torch.Generator().manual_seed(seed)
         self.params, self.handles = {}, []
         for name, module in net.named_modules():
             if isinstance(module, torch.nn.Linear) and name.endswith(targets):
-                a = (torch.randn(module.in_features, rank, generator=g) * 0.2).requires_grad_()
-                b = (torch.randn(rank, module.out_features, generator=g) * 0.2).requires_grad_()
+                a = (torch.randn(module.in_features, rank, generator=g) * 0.2).to(dtype).requires_grad_()
+                b = (torch.randn(rank, module.out_features, generator=g) * 0.2).to(dtype).requires_grad_()
                 self.params[name + ".A"], self.params[name + ".B"] = a, b
                 self.handles.append(module.register_forward_hook(
                     lambda m, inp, out, a=a, b=b: out + (inp[0] @ a) @ b))

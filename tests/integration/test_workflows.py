@@ -22,7 +22,8 @@ WORKFLOW_DIR = REPO_ROOT / "workflows"
 WORKFLOWS = sorted(p.stem for p in WORKFLOW_DIR.glob("*.json"))
 EXPECTED = {"dojo_flux_lora_trigger_word", "dojo_sdxl_lora_captions", "dojo_sdxl_pivotal_tuning",
             "dojo_sd15_textual_inversion",
-            "dojo_hunyuan_video_lora_images", "dojo_hunyuan_video_lora_clips"}
+            "dojo_hunyuan_video_lora_images", "dojo_hunyuan_video_lora_clips",
+            "dojo_wan22_video_lora_clips", "dojo_wan_lora_images"}
 
 
 def load(name) -> dict:
@@ -41,6 +42,8 @@ def stand_ins(comfy, tiny_clip_l, tiny_flux_vae, tiny_video_vae, tiny_hunyuan_vi
     models = base / "models"
     flux_ok = tiny_files.smallest_detectable_flux_hidden() <= 256 or os.environ.get("DOJO_BIG_TEST_MODELS") == "1"
     flux = tiny_files.provide_detectable_flux(base) if flux_ok else tiny_hunyuan_video_unet
+    import tiny_wan
+    wan21, wan_vae = tiny_wan.provide_wan21(base), tiny_wan.provide_wan21_vae(base)
     for folder, real, tiny in [
         ("diffusion_models", "flux1-dev.safetensors", flux),  # a name only where Flux is not detectable small
         ("diffusion_models", "hunyuan_video_t2v_720p_bf16.safetensors", tiny_hunyuan_video_unet),
@@ -52,6 +55,11 @@ def stand_ins(comfy, tiny_clip_l, tiny_flux_vae, tiny_video_vae, tiny_hunyuan_vi
         ("vae", "hunyuan_video_vae_bf16.safetensors", tiny_video_vae),
         ("checkpoints", "sd_xl_base_1.0.safetensors", smallest_sdxl_checkpoint),
         ("checkpoints", "v1-5-pruned-emaonly.safetensors", tiny_sd15_checkpoint),
+        ("diffusion_models", "wan2.2_t2v_high_noise_14B_fp16.safetensors", wan21),
+        ("diffusion_models", "wan2.2_t2v_low_noise_14B_fp16.safetensors", wan21),
+        ("diffusion_models", "wan2.1_t2v_1.3B_bf16.safetensors", wan21),
+        ("vae", "wan_2.1_vae.safetensors", wan_vae),
+        ("text_encoders", "umt5_xxl_fp8_e4m3fn_scaled.safetensors", tiny_clip_l),  # a name only (to_test_prompt)
     ]:
         source = next(p for p in models.rglob(tiny) if p.is_file())
         tiny_files.link_into(base, folder, real, source.resolve())
@@ -65,12 +73,14 @@ def stand_ins(comfy, tiny_clip_l, tiny_flux_vae, tiny_video_vae, tiny_hunyuan_vi
     dog = fresh_folder(comfy, "ohwx_dog")  # pivotal tuning: captions with and without the trigger word
     image(dog / "a.png", (64, 64), (150, 110, 60), "[trigger] dog sitting on grass")
     image(dog / "b.png", (64, 64), (160, 120, 70), "a dog on a sofa")
-    hv_images = fresh_folder(comfy, "hunyuan_images")
-    image(hv_images / "a.png", (64, 64), (120, 30, 30), "a red square standing still")
-    image(hv_images / "b.png", (64, 64), (30, 30, 120), "[trigger] a blue square")
-    clips = fresh_folder(comfy, "hunyuan_clips")
-    video(clips / "walk.mp4", 10, (64, 64), "a grey square fading in")
-    video(clips / "turn.mp4", 9, (64, 64), "[trigger] brightening")
+    for video_family in ("hunyuan", "wan"):  # the video workflows' image and clip folders
+        stills = fresh_folder(comfy, f"{video_family}_images")
+        image(stills / "a.png", (64, 64), (120, 30, 30), "a red square standing still")
+        image(stills / "b.png", (64, 64), (30, 30, 120), "[trigger] a blue square")
+        clips = fresh_folder(comfy, f"{video_family}_clips")
+        video(clips / "walk.mp4", 10, (64, 64), "a grey square fading in")
+        video(clips / "turn.mp4", 9, (64, 64), "[trigger] brightening")
+    tiny_wan.register_tiny_umt5_node(comfy)
     cats = fresh_folder(comfy, "my_cat")
     for i, colour in enumerate([(90, 60, 30), (120, 80, 40)]):
         image(cats / f"cat{i}.png", (64, 64), colour)
@@ -242,6 +252,17 @@ def to_test_prompt(comfy, wf: dict) -> dict:
             assert node["inputs"]["clip_name1"] == "clip_l.safetensors"
             node["class_type"] = "CLIPLoader"
             node["inputs"] = {"clip_name": "clip_l.safetensors", "type": "stable_diffusion", "device": "default"}
+        if node["class_type"] == "CLIPLoader" and node["inputs"].get("type") == "wan":
+            # Substitution: umt5-xxl has a fixed 5.7 B-parameter config and its tokenizer lives in the file;
+            # tiny_wan's stand-in is ComfyUI's CLIP around ComfyUI's T5 with umt5's 4096-wide output.
+            import tiny_wan
+            node["class_type"], node["inputs"] = tiny_wan.TINY_UMT5_NODE, {}
+        if node["class_type"] == "KSamplerAdvanced":
+            # Wan 2.2's hand-over at step 10 of 20 becomes step 2 of 4, so both experts sample.
+            node["inputs"]["steps"] = 4
+            for key in ("start_at_step", "end_at_step"):
+                if node["inputs"][key] == 10:
+                    node["inputs"][key] = 2
     return prompt
 
 
@@ -341,6 +362,53 @@ def test_hunyuan_video_workflows_run(comfy, stand_ins, name):
     assert previews_of(comfy, name.replace("dojo_", "")) == ["step_000000.webp", "step_000002.webp"]
     videos = output_files(comfy, out["SaveWEBM"][0]["images"])
     assert all(v.suffix == ".webm" for v in videos)
+    import av
+    with av.open(str(videos[0])) as container:
+        assert sum(1 for _ in container.decode(video=0)) == 5
+
+
+def test_wan_images_workflow_runs(comfy, stand_ins):
+    _, out = run_workflow(comfy, "dojo_wan_lora_images")
+    saved = check_saved_lora(comfy, out, "wanstyle", "wan2.1_t2v_1.3B_bf16.safetensors")
+    with safetensors.safe_open(str(comfy.base / "models" / "loras" / saved), "pt") as f:
+        assert all(k.startswith("diffusion_model.blocks.") for k in f.keys())
+    assert previews_of(comfy, "wan_lora_images") == ["step_000000.webp", "step_000002.webp"]
+    videos = output_files(comfy, out["SaveWEBM"][0]["images"])
+    import av
+    with av.open(str(videos[0])) as container:
+        assert sum(1 for _ in container.decode(video=0)) == 5
+
+
+def test_wan22_a14b_workflow_trains_each_expert_on_its_range_and_samples_with_both(comfy, stand_ins):
+    wf, out = run_workflow(comfy, "dojo_wan22_video_lora_clips")
+    trainers = {n["title"]: n for n in wf["nodes"] if n["type"] == "DojoTrainLoRA"}
+    assert set(trainers) == {"Train LoRA: high-noise expert", "Train LoRA: low-noise expert"}
+    saved = [entry["text"][0] for entry in out["DojoSaveLoRA"]]
+    assert len(saved) == 2
+    ranges = {}
+    for name in saved:
+        with safetensors.safe_open(str(comfy.base / "models" / "loras" / name), "pt") as f:
+            meta = f.metadata()
+        assert meta["dojo_steps"] == "2" and meta["dojo_trigger_word"] == "wanstyle"
+        ranges[meta["dojo_base_model"]] = (json.loads(meta["dojo_timestep_range"]),
+                                           meta["ss_min_timestep"], meta["ss_max_timestep"])
+    assert ranges == {"wan2.2_t2v_high_noise_14B_fp16.safetensors": ([0.875, 1.0], "875", "1000"),
+                      "wan2.2_t2v_low_noise_14B_fp16.safetensors": ([0.0, 0.875], "0", "875")}
+    # Both experts sample, each with its own LoRA: high-noise steps 0-2, then low-noise 2-4 of 4.
+    prompt = to_test_prompt(comfy, wf)
+    samplers = sorted((n["inputs"]["start_at_step"], n["inputs"]["end_at_step"]) for n in prompt.values()
+                      if n["class_type"] == "KSamplerAdvanced")
+    assert samplers == [(0, 2), (2, 10000)]
+    # Each expert samples with the LoRA trained on it.
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    source = {(link[3], nodes[link[3]]["inputs"][link[4]]["name"]): nodes[link[1]] for link in wf["links"]}
+    applies = [n for n in wf["nodes"] if n["type"] == "DojoApplyLoRA"]
+    experts = {source[(a["id"], "model")]["title"] for a in applies}
+    assert experts == {"Load high-noise expert", "Load low-noise expert"}
+    for a in applies:
+        trainer = source[(a["id"], "lora")]
+        assert source[(trainer["id"], "model")] is source[(a["id"], "model")]
+    videos = output_files(comfy, out["SaveWEBM"][0]["images"])
     import av
     with av.open(str(videos[0])) as container:
         assert sum(1 for _ in container.decode(video=0)) == 5
