@@ -60,10 +60,25 @@ def tiny_qwen_image_patcher(seed: int = 20):
 
 def tiny_z_image_patcher(seed: int = 21):
     """A Z-Image BaseModel (comfy.model_base.Lumina2 with config ZImage) with a tiny NextDiT: width 256,
-    2 heads, 2 layers + 1 noise and 1 context refiner, text width 64. ~4 M parameters."""
+    2 heads, 2 layers + 1 noise and 1 context refiner, text width 64. ~4.5 M parameters."""
+    return _z_image_patcher(Z_IMAGE_TINY, seed)
+
+
+# The smallest NextDiT whose weights also fit diffusers' ZImageTransformer2DModel: diffusers fixes the
+# timestep embedding's hidden width at 1024 (ComfyUI: min(width, 1024)) and makes the MLP 8/3 x width wide
+# (ComfyUI rounds that up to a multiple of 256), so the width is >= 1024, a multiple of 128 (the heads) and
+# of 96 (the MLP): 1152, 9 heads; 1 layer + 1 + 1 refiners, ~50 M parameters.
+Z_IMAGE_DIFFUSERS_SIZED = dict(Z_IMAGE_TINY, dim=1152, n_heads=9, n_kv_heads=9, n_layers=1)
+
+
+def tiny_z_image_diffusers_sized_patcher(seed: int = 26):
+    return _z_image_patcher(Z_IMAGE_DIFFUSERS_SIZED, seed)
+
+
+def _z_image_patcher(config: dict, seed: int):
     import comfy.supported_models
     from inprocess_models import patcher_for
-    return patcher_for(comfy.supported_models.ZImage(dict(Z_IMAGE_TINY, dtype=torch.float32)), seed)
+    return patcher_for(comfy.supported_models.ZImage(dict(config, dtype=torch.float32)), seed)
 
 
 # ------------------------------------------------------------------------------ detectable files
