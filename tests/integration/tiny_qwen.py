@@ -28,6 +28,7 @@ import tiny_files
 from tiny_comfy_models import randomize_
 
 QWEN_IMAGE_UNET = ("diffusion_models", "tiny_qwen_image_detectable.safetensors")
+WAN21_TAEHV = ("vae", "tiny_taehv_wan21.safetensors")
 Z_IMAGE_UNET = ("diffusion_models", "tiny_z_image_detectable.safetensors")
 
 # Small language models: the vocabulary the tokenizer needs (special tokens up to 151645), width 64,
@@ -117,6 +118,18 @@ def _keyed(where: tuple[str, str]) -> tuple[str, str]:
     return folder, name.replace(".safetensors", f"_{tiny_files.builder_key((Path(__file__),))}.safetensors")
 
 
+def write_wan21_taehv(path: Path, seed: int = 27) -> Path:
+    """Qwen-Image's VAE is Wan 2.1's: a TAEHV-architecture VAE saved fp32, which ComfyUI's VAELoader takes
+    as Wan 2.1's tiny VAE (lighttaew2_1; fp16 would make it HunyuanVideo's). 16 channels, [C, T, H, W]."""
+    import comfy.taesd.taehv as taehv
+    model = tiny_files._random(taehv.TAEHV(latent_channels=16), seed)
+    return tiny_files._save(model.state_dict(), path, torch.float32)
+
+
+def provide_wan21_taehv(base: Path) -> str:
+    return tiny_files.provide(base, _keyed(WAN21_TAEHV), write_wan21_taehv)
+
+
 def provide_qwen_image_unet(base: Path) -> str:
     return tiny_files.provide(base, _keyed(QWEN_IMAGE_UNET), write_detectable_qwen_image)
 
@@ -181,3 +194,36 @@ def tiny_qwen_image_clip(seed: int = 24):
 def tiny_z_image_clip(seed: int = 25):
     """Z-Image's text encoder (ComfyUI's ZImageTEModel / ZImageTokenizer, Qwen3) with a tiny config: width 64."""
     return _tiny_clip("z_image", seed)
+
+
+# ------------------------------------------------------------------- stand-in loader nodes
+
+class _StandInLoader:
+    """A test-only node that returns a stand-in where a workflow's real loader cannot load a tiny file
+    (see the module docstring): the workflow tests put it in place of UNETLoader / CLIPLoader."""
+    CATEGORY = "testing"
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"family": (["qwen_image", "z_image"],)}}
+
+
+class TinyQwenModelLoader(_StandInLoader):
+    RETURN_TYPES = ("MODEL",)
+
+    def load(self, family):
+        return (tiny_qwen_image_patcher() if family == "qwen_image" else tiny_z_image_patcher(),)
+
+
+class TinyQwenCLIPLoader(_StandInLoader):
+    RETURN_TYPES = ("CLIP",)
+
+    def load(self, family):
+        return (tiny_qwen_image_clip() if family == "qwen_image" else tiny_z_image_clip(),)
+
+
+def register_stand_in_loaders() -> None:
+    import nodes
+    nodes.NODE_CLASS_MAPPINGS.setdefault("TinyQwenModelLoader", TinyQwenModelLoader)
+    nodes.NODE_CLASS_MAPPINGS.setdefault("TinyQwenCLIPLoader", TinyQwenCLIPLoader)
