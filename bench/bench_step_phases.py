@@ -40,7 +40,7 @@ def child(family: str, checkpointing: bool, rounds: int, steps: int, profile_ste
     version, pack = bc.boot()
     torch.set_num_threads(1)
     cc, cm = pack("nodes.comfy_compat"), pack("nodes.comfy_model")
-    adapters, recipes = pack("training.adapters"), pack("training.recipes")
+    adapters = pack("training.adapters")
     protection = pack("nodes.grad_protection")
     latents, context, pooled = bc.inputs(family, 4)
     patcher = bc.build_patcher(family)
@@ -52,7 +52,7 @@ def child(family: str, checkpointing: bool, rounds: int, steps: int, profile_ste
             cc.load_for_compute(clone)
             cc.materialize_inference_tensors(clone.model)
             view = cm.ComfyDenoisingModel(clone)
-            preset = recipes.LORA_RECIPES[view.family].targets
+            preset = view.spec.recipe.targets
             adapter = adapters.attach_adapter(view.diffusion_model, view.adaptable_modules(preset),
                                               adapters.AdapterConfig(rank=16, alpha=16.0), seed=0)
             adapter.let_autocast_cast_inputs(True)

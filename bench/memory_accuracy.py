@@ -108,11 +108,11 @@ def run_one(name: str) -> dict:
     mp = importlib.import_module("comfyui_dojo.nodes.memory_planning")
     adapters = importlib.import_module("comfyui_dojo.training.adapters")
     loop = importlib.import_module("comfyui_dojo.training.loop")
-    protocol = importlib.import_module("comfyui_dojo.training.protocol")
+    families = importlib.import_module("comfyui_dojo.training.families")
     import peft.tuners.lora  # noqa: F401  (loaded before measuring)
     patcher = build_patcher(family, width)
-    targets = protocol.TargetPreset.ALL_LINEAR if family == "hunyuan_video" else protocol.TargetPreset.ATTENTION_MLP
-    rank = 32 if family == "hunyuan_video" else 16
+    recipe = families.spec(family).recipe   # the family's default rank and targets
+    targets, rank = recipe.targets, recipe.rank
 
     def job(steps, plan):
         return lt.LoraJob(adapter=adapters.AdapterConfig(rank=rank, alpha=rank), targets=targets,

@@ -27,32 +27,31 @@ import comfy.utils
 import folder_paths  # noqa: F401  (re-exported for the file-handling nodes)
 from comfy_api.latest import ComfyExtension, io, ui  # noqa: F401  (re-exported)
 
+from ..training import families
+from ..training.families import FamilyLike, FamilySpec
 from ..training.protocol import Family, NoiseSchedule, Prediction
-
-# ComfyUI's model configs (comfy.supported_models) -> the family Dojo trains. Subclasses count too
-# (SDXL refiners etc. are not listed because their conditioning differs and they are not supported).
-_FAMILY_BY_CONFIG = {
-    "SD15": Family.SD15,
-    "SDXL": Family.SDXL,
-    "Flux": Family.FLUX,
-    "FluxSchnell": Family.FLUX,
-    "HunyuanVideo": Family.HUNYUAN_VIDEO,
-}
 
 
 class UnsupportedModelError(ValueError):
     pass
 
 
-def model_family(model_patcher) -> Family:
+def model_spec(model_patcher) -> FamilySpec:
+    """The family spec of a MODEL: the registered family whose ComfyUI model config (comfy.supported_models
+    class, by exact name) it is. This is the one place a MODEL is told apart; a model no family claims
+    is where generic mode (training/families/generic.py) hooks in."""
     config_name = type(model_patcher.model.model_config).__name__
-    family = _FAMILY_BY_CONFIG.get(config_name)
-    if family is None:
-        supported = ", ".join(sorted({f.value for f in _FAMILY_BY_CONFIG.values()}))
+    spec = families.spec_for_config(config_name)
+    if spec is None:
         raise UnsupportedModelError(
             f"Dojo cannot train this MODEL: ComfyUI detected it as '{config_name}'. "
-            f"Supported families: {supported}. Load one of those with ComfyUI's checkpoint or diffusion-model loader.")
-    return family
+            f"Supported families: {families.labels()}. Load one of those with ComfyUI's checkpoint or "
+            "diffusion-model loader.")
+    return spec
+
+
+def model_family(model_patcher) -> Family:
+    return model_spec(model_patcher).family
 
 
 def noise_schedule(model_patcher) -> NoiseSchedule:
@@ -148,19 +147,17 @@ def materialize_inference_tensors(module: torch.nn.Module) -> int:
     return replaced
 
 
-FAMILY_LABELS = {Family.SD15: "SD1.5", Family.SDXL: "SDXL", Family.FLUX: "Flux", Family.HUNYUAN_VIDEO: "HunyuanVideo"}
-
-
-def check_latents_fit(model_patcher, family: Family, latent: torch.Tensor) -> None:
+def check_latents_fit(model_patcher, family: FamilyLike, latent: torch.Tensor) -> None:
     """Refuse latents (one sample, no batch dimension) made by another family's VAE, in words, before a
     torch shape error deep in the model could say it less clearly."""
+    spec = families.as_spec(family)
     want = model_patcher.model.latent_format.latent_channels
-    video = family is Family.HUNYUAN_VIDEO
+    video = spec.video
     want_dims = 4 if video else 3   # [C, T, H, W] for video models, [C, H, W] for image models
     if latent.shape[0] == want and latent.ndim == want_dims:
         return
     made = f"a {latent.shape[0]}-channel {'video' if latent.ndim == 4 else 'image'} VAE"
-    raise ValueError(f"these latents come from {made}; this {FAMILY_LABELS.get(family, family.value)} model needs "
+    raise ValueError(f"these latents come from {made}; this {spec.label} model needs "
                      f"its own {want}-channel {'video ' if video else ''}VAE: encode the dataset (Dojo Encode Dataset) "
                      "with the VAE that belongs to the model you train")
 
@@ -639,13 +636,17 @@ SAMPLER_NAMES = list(comfy.samplers.KSampler.SAMPLERS)
 SCHEDULER_NAMES = list(comfy.samplers.KSampler.SCHEDULERS)
 
 
-def empty_latent(model_patcher, width: int, height: int, frames: int = 1) -> torch.Tensor:
+def empty_latent(model_patcher, width: int, height: int, frames: int = 1,
+                 spec: FamilySpec | None = None) -> torch.Tensor:
     """An empty latent for the model, as EmptyLatentImage / EmptySD3LatentImage / EmptyHunyuanLatentVideo
-    make them: [1, C, H/8, W/8], or [1, C, 1 + (frames - 1) / 4, H/8, W/8] for HunyuanVideo."""
+    make them: [1, C, H/8, W/8], or for a video family [1, C, 1 + (frames - 1) / time scale, H/8, W/8]."""
+    spec = spec or model_spec(model_patcher)
     channels = model_patcher.get_model_object("latent_format").latent_channels
-    if model_family(model_patcher) is Family.HUNYUAN_VIDEO:
-        return torch.zeros([1, channels, (max(1, frames) - 1) // 4 + 1, height // 8, width // 8])
-    return torch.zeros([1, channels, height // 8, width // 8])
+    scale = spec.vae_scale
+    if spec.video:
+        return torch.zeros([1, channels, (max(1, frames) - 1) // spec.vae_time_scale + 1, height // scale,
+                            width // scale])
+    return torch.zeros([1, channels, height // scale, width // scale])
 
 
 def ksample(model_patcher, positive, negative, latent: torch.Tensor, seed: int, steps: int, cfg: float,

@@ -12,25 +12,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from ..training.protocol import Conditioning, Family, TargetPreset, select_linears
+from ..training.protocol import Conditioning, TargetPreset, select_linears
 from . import comfy_compat as cc
-
-# Regular expressions over ComfyUI's module names (diffusion_model.*), per family and preset.
-_TARGETS = {
-    Family.SD15: {
-        TargetPreset.ATTENTION: r"attn[12]\.to_",
-        TargetPreset.ATTENTION_MLP: r"attn[12]\.to_|\.ff\.net\.",
-        TargetPreset.ALL_LINEAR: r".",
-    },
-    Family.FLUX: {
-        TargetPreset.ATTENTION: r"double_blocks\.\d+\.(img|txt)_attn\.(qkv|proj)|single_blocks\.\d+\.linear[12]",
-        TargetPreset.ATTENTION_MLP: r"double_blocks\.\d+\.((img|txt)_attn\.(qkv|proj)|(img|txt)_mlp\.[02])"
-                                    r"|single_blocks\.\d+\.linear[12]",
-        TargetPreset.ALL_LINEAR: r"(double|single)_blocks\.\d+\.",
-    },
-}
-_TARGETS[Family.SDXL] = _TARGETS[Family.SD15]
-_TARGETS[Family.HUNYUAN_VIDEO] = _TARGETS[Family.FLUX]
 
 
 class ComfyDenoisingModel:
@@ -38,7 +21,10 @@ class ComfyDenoisingModel:
 
     def __init__(self, model_patcher):
         self.patcher = model_patcher
-        self.family = cc.model_family(model_patcher)
+        # Everything family-specific below reads this spec (training/families), never the family id, so
+        # a spec built at run time for a model no family claims works the same way.
+        self.spec = cc.model_spec(model_patcher)
+        self.family = self.spec.family
         self.schedule = cc.noise_schedule(model_patcher)
 
     @property
@@ -58,22 +44,12 @@ class ComfyDenoisingModel:
         return captured["output"].float()
 
     def batch_extras(self, noisy: torch.Tensor, cond: Conditioning) -> dict:
-        """Conditioning extras the family needs for training. SDXL conditions on the image size:
-        a training batch is described as an uncropped image of exactly its own size (as kohya does
-        for bucketed data), unless the encoded conditioning already says otherwise."""
-        if self.family in (Family.FLUX, Family.HUNYUAN_VIDEO):
-            # Guidance-distilled models train at guidance 1 (ai-toolkit, musubi-tuner), not at ComfyUI's
-            # sampling default (3.5 / 6), unless the encoded conditioning carries its own.
-            return {"guidance": 1.0, **cond.extra}
-        if self.family is not Family.SDXL:
-            return cond.extra
-        height, width = noisy.shape[-2] * 8, noisy.shape[-1] * 8
-        sizes = {"width": width, "height": height, "target_width": width, "target_height": height,
-                 "crop_w": 0, "crop_h": 0}
-        return {**sizes, **cond.extra}
+        """Conditioning extras the family needs for training beyond the encoded ones (SDXL's size ids,
+        guidance 1 for guidance-distilled models): the spec's `extra_conditions`."""
+        return self.spec.extra_conditions(noisy, cond.extra)
 
     def adaptable_modules(self, preset: TargetPreset) -> dict[str, nn.Module]:
-        return select_linears(self.diffusion_model, _TARGETS[self.family][TargetPreset(preset)])
+        return select_linears(self.diffusion_model, self.spec.targets[TargetPreset(preset)])
 
 
 @contextmanager

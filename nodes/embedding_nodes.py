@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from .. import __version__
+from ..training import families
 from ..training.file_metadata import embedding_file_keys
 from ..training.files import next_free_path, save_safetensors_new
 from ..training.loop import LRSchedule, Precision, TrainConfig
@@ -31,7 +32,8 @@ from .types import DatasetType, EmbeddingType
 
 log = logging.getLogger("comfyui-dojo")
 SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-FAMILY_BY_KEYS = {("clip_l",): "sd15", ("clip_g", "clip_l"): "sdxl"}
+# An embedding's family from its encoder keys (each spec's `text_encoders`).
+FAMILY_BY_KEYS = {tuple(sorted(s.text_encoders)): s.family.value for s in families.all_specs() if s.text_encoders}
 
 
 def embedding_family(embedding: DojoEmbedding) -> str:

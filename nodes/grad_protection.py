@@ -8,13 +8,12 @@ import logging
 import torch
 from torch import nn
 
+from ..training import families
 from ..training.block_swap import block_swap
+from ..training.families import FamilySpec
 from ..training.grad_safety import protected_training
 from . import comfy_compat as cc
 from .comfy_compat import rope_substitutions
-
-# Flux and HunyuanVideo (comfy/ldm/flux/layers.py blocks): residuals are added in place in both.
-BLOCK_LISTS = ("double_blocks", "single_blocks")
 
 
 def diffusion_model_of(model) -> nn.Module:
@@ -23,28 +22,48 @@ def diffusion_model_of(model) -> nn.Module:
     return getattr(model, "diffusion_model", model)
 
 
-def transformer_blocks(model) -> list[nn.Module]:
-    """The Flux-style transformer blocks of a ComfyUI model, double-stream blocks first."""
+def spec_of(model, spec: FamilySpec | None = None) -> FamilySpec:
+    """The family spec whose block layout `model` has: `spec` when the caller has it (the model view's
+    own, which may be built at run time), else its ComfyUI config's family, else, for a bare network,
+    the registered family whose block lists (or UNet block containers) it has."""
+    if spec is not None:
+        return spec
+    base = getattr(model, "model", model)
+    config = getattr(base, "model_config", None)
+    found = families.spec_for_config(type(config).__name__) if config is not None else None
+    if found is not None:
+        return found
     net = diffusion_model_of(model)
-    blocks = [b for name in BLOCK_LISTS for b in getattr(net, name, None) or ()]
+    for kind in ("block_lists", "unet_blocks"):
+        for candidate in families.all_specs():
+            names = getattr(candidate, kind)
+            if names and all(getattr(net, name, None) is not None for name in names):
+                return candidate
+    raise ValueError(f"{type(net).__name__} has the blocks of no family Dojo knows ({families.labels()}); "
+                     "cannot protect or checkpoint its gradients")
+
+
+def transformer_blocks(model, spec: FamilySpec | None = None) -> list[nn.Module]:
+    """The transformer blocks of a ComfyUI model in call order (Flux: double-stream blocks first), from
+    the spec's `block_lists`."""
+    spec = spec_of(model, spec)
+    net = diffusion_model_of(model)
+    blocks = [b for name in spec.block_lists for b in getattr(net, name, None) or ()]
     if not blocks:
-        raise ValueError(f"{type(net).__name__} has none of {BLOCK_LISTS}; cannot protect its gradients")
+        raise ValueError(f"{type(net).__name__} has none of {spec.block_lists}; cannot protect its gradients")
     return blocks
 
 
-# SD1.5 / SDXL UNets (openaimodel.UNetModel): the blocks checkpointing recomputes.
-UNET_BLOCKS = ("input_blocks", "middle_block", "output_blocks")
-
-
-def checkpoint_units(model) -> list[nn.Module]:
-    """The blocks whose activations gradient checkpointing recomputes: Flux-style transformer blocks,
-    or the layers inside a UNet's input, middle and output blocks (ComfyUI's UNet calls those layers
-    one by one and never the block containers, so wrapping the containers would do nothing)."""
+def checkpoint_units(model, spec: FamilySpec | None = None) -> list[nn.Module]:
+    """The blocks whose activations gradient checkpointing recomputes: the transformer blocks, or the
+    layers inside a UNet's input, middle and output blocks (ComfyUI's UNet calls those layers one by one
+    and never the block containers, so wrapping the containers would do nothing)."""
+    spec = spec_of(model, spec)
     net = diffusion_model_of(model)
-    if any(getattr(net, name, None) is not None for name in BLOCK_LISTS):
-        return transformer_blocks(net)
+    if spec.block_lists:
+        return transformer_blocks(net, spec)
     units = []
-    for name in UNET_BLOCKS:
+    for name in spec.unet_blocks:
         part = getattr(net, name, None)
         blocks = list(part) if isinstance(part, nn.ModuleList) else [part] if isinstance(part, nn.Module) else []
         for block in blocks:
@@ -54,10 +73,14 @@ def checkpoint_units(model) -> list[nn.Module]:
     return units
 
 
-def needs_protection(model) -> bool:
-    """Whether the model has blocks known to write in place into tensors autograd saved."""
-    net = diffusion_model_of(model)
-    return any(getattr(net, name, None) is not None for name in BLOCK_LISTS)
+def needs_protection(model, spec: FamilySpec | None = None) -> bool:
+    """Whether the model's blocks write in place into tensors autograd saved (the spec says)."""
+    return spec_of(model, spec).writes_in_place
+
+
+def supports_block_swap(model, spec: FamilySpec | None = None) -> bool:
+    """Transformer blocks are called as modules, so per-block hooks can stream them; a UNet's are not."""
+    return bool(spec_of(model, spec).block_lists)
 
 
 log = logging.getLogger("comfyui-dojo")
@@ -65,26 +88,28 @@ log = logging.getLogger("comfyui-dojo")
 
 @contextlib.contextmanager
 def training_region(model, checkpointing: bool, blocks_to_swap: int = 0,
-                    device: torch.device | str = "cpu"):
+                    device: torch.device | str = "cpu", spec: FamilySpec | None = None):
     """Where a training step's forward and backward run: ComfyUI's own training flag where it has one
     (0.33: its models then use differentiable RoPE; on 0.8 Dojo substitutes comfy-kitchen's op),
     copy-on-write protection for models that write in place into saved tensors (also around their
     checkpoint recomputation), block checkpointing when asked, and with `blocks_to_swap` > 0 the last
-    that many blocks streamed to `device` from the CPU for each forward (training.block_swap)."""
+    that many blocks streamed to `device` from the CPU for each forward (training.block_swap). `spec`:
+    the model view's family spec (else found from the model)."""
+    spec = spec_of(model, spec)
     with contextlib.ExitStack() as stack:
         stats = None
         stack.enter_context(cc.comfy_training_mode())
-        protect = needs_protection(model)
+        protect = needs_protection(model, spec)
         if checkpointing or protect:
             stats = stack.enter_context(
-                protected_training(checkpoint_units(model), checkpointing, cc.training_substitutions(), protect))
+                protected_training(checkpoint_units(model, spec), checkpointing, cc.training_substitutions(), protect))
         if blocks_to_swap > 0:
-            if not needs_protection(model):
+            if not supports_block_swap(model, spec):
                 # A UNet's input/output blocks are not called as modules (ComfyUI's forward_timestep_embed
                 # iterates their layers), so per-block hooks would never run: refuse instead of failing.
-                raise ValueError("blocks_to_swap works on transformer models (Flux, HunyuanVideo); "
-                                 "set it to 0 for SD1.5 / SDXL")
-            units = transformer_blocks(model)
+                raise ValueError(f"blocks_to_swap works on transformer models, not on a {spec.label} UNet; "
+                                 "set it to 0")
+            units = transformer_blocks(model, spec)
             if blocks_to_swap > len(units):
                 log.warning("Dojo: blocks_to_swap %d is more than the model's %d blocks; swapping all of them",
                             blocks_to_swap, len(units))
@@ -96,8 +121,8 @@ def training_region(model, checkpointing: bool, blocks_to_swap: int = 0,
 
 
 @contextlib.contextmanager
-def protected_comfy_training(model, checkpointing: bool):
-    """Forward/backward through a ComfyUI Flux or HunyuanVideo model with correct gradients; see
-    `training.grad_safety.protected_training`. Nothing stays installed after exit."""
-    with protected_training(transformer_blocks(model), checkpointing, rope_substitutions()) as stats:
+def protected_comfy_training(model, checkpointing: bool, spec: FamilySpec | None = None):
+    """Forward/backward through a ComfyUI transformer model (Flux, HunyuanVideo, ...) with correct
+    gradients; see `training.grad_safety.protected_training`. Nothing stays installed after exit."""
+    with protected_training(transformer_blocks(model, spec), checkpointing, rope_substitutions()) as stats:
         yield stats

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import torch
 
+from ..training import families
 from ..training.adapters import ADAPTER_NAME
 from ..training.checkpoints import CheckpointError, load_checkpoint
+from ..training.families import FamilySpec
 from ..training.image_grid import labelled_grid, to_array, to_pil
 from ..training.lora_formats import lora_state_dict
-from ..training.protocol import Family
 from . import comfy_compat as cc
 from .comfy_compat import io, ui
 from .lora_nodes import LoraDoesNotFit, apply_checked
@@ -47,6 +48,16 @@ def parse_numbers(text: str, kind, name: str) -> list:
     return values
 
 
+def run_spec(model, family: str) -> FamilySpec:
+    """The spec a checkpoint's run trained with: the MODEL's own when it is that family (so a spec built at
+    run time serves), else the registered one (the layout then tells the mismatch in words)."""
+    try:
+        own = cc.model_spec(model)
+    except cc.UnsupportedModelError:
+        own = None
+    return own if own is not None and own.family.value == family else families.spec(family)
+
+
 def checkpoint_lora(folder: Path, model) -> DojoLoRA:
     """A training checkpoint (adapter weights as the run held them) as a LoRA in the family's file layout,
     with the scale alpha/rank baked into up, as Train LoRA exports it."""
@@ -59,7 +70,7 @@ def checkpoint_lora(folder: Path, model) -> DojoLoRA:
         kind = "a textual-inversion run" if run.get("adapter") == "textual_inversion" else f"a {run.get('adapter')} run"
         raise LoraDoesNotFit(f"checkpoint {folder.parent.name}/{folder.name} is {kind}: the grid shows plain LoRA "
                              "checkpoints (give the trained LoRA itself as lora_1 instead)")
-    family = Family(run["family"])
+    spec = run_spec(model, run["family"])
     scale = float(run["alpha"]) / float(run["rank"])
     suffix_a, suffix_b = f".lora_A.{ADAPTER_NAME}.weight", f".lora_B.{ADAPTER_NAME}.weight"
     factors = {}
@@ -67,12 +78,12 @@ def checkpoint_lora(folder: Path, model) -> DojoLoRA:
         if key.endswith(suffix_a):
             name = key[: -len(suffix_a)]
             factors[name] = (down.float(), checkpoint.adapter[name + suffix_b].float() * scale)
-    names = cc.sd_unet_diffusers_names(model) if family in (Family.SD15, Family.SDXL) else None
+    names = cc.sd_unet_diffusers_names(model) if spec.lora_layout.needs_diffusers_names else None
     try:
-        tensors = lora_state_dict(family, factors, names)
+        tensors = lora_state_dict(spec, factors, names)
     except ValueError as e:
         raise LoraDoesNotFit(f"checkpoint {folder.parent.name}/{folder.name} does not fit this MODEL: {e}") from e
-    return DojoLoRA(tensors, {"dojo_family": family.value, "dojo_steps": str(checkpoint.step),
+    return DojoLoRA(tensors, {"dojo_family": spec.family.value, "dojo_steps": str(checkpoint.step),
                               "dojo_training": json.dumps(run, sort_keys=True)})
 
 

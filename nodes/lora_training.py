@@ -18,10 +18,11 @@ from ..training.batches import BatchSchedule, Sample
 from ..training.checkpoints import RunCheckpoints
 from ..training.distributed import PeerLost, data_parallel
 from ..training.encoded import EncodedDataset
+from ..training.families import FamilySpec
 from ..training.file_metadata import latent_resolution, lora_file_keys
 from ..training.loop import Callbacks, TrainConfig, TrainState, train
 from ..training.lora_formats import check_lora_tensors, factors_from_state_dict, lora_state_dict
-from ..training.protocol import Family, TargetPreset
+from ..training.protocol import TargetPreset
 from . import comfy_compat as cc
 from .comfy_model import trainable_view
 from .failures import training_failures
@@ -73,8 +74,8 @@ class LoraResult:
     samples: list = field(default_factory=list)   # previews.Sample, in step order
 
 
-def run_identity(job: LoraJob, family: Family, dataset: EncodedDataset) -> dict:
-    return {"family": family.value, "adapter": AdapterType(job.adapter.kind).value, "rank": job.adapter.rank,
+def run_identity(job: LoraJob, spec: FamilySpec, dataset: EncodedDataset) -> dict:
+    return {"family": spec.family.value, "adapter": AdapterType(job.adapter.kind).value, "rank": job.adapter.rank,
             "alpha": job.adapter.alpha, "targets": job.targets.value, "batch_size": job.batch_size,
             "dataset_fingerprint": dataset.fingerprint, "steps": job.train.steps,
             **job.train.to_dict(),
@@ -95,13 +96,13 @@ def train_lora(model_patcher, dataset: EncodedDataset, job: LoraJob) -> LoraResu
     progress = TrainingProgress(job.train.steps)
 
     with trainable_view(model_patcher) as view, data_parallel() as parallel, \
-            text_encoder_session(job.text_encoder, view.family, job.adapter, job.train.seed) as te:
+            text_encoder_session(job.text_encoder, view.spec, job.adapter, job.train.seed) as te:
         patcher = view.patcher
         device = cc.compute_device(patcher)
         for shape in {tuple(s.latent.shape): s.latent for s in dataset.samples}.values():
-            cc.check_latents_fit(patcher, view.family, shape)
+            cc.check_latents_fit(patcher, view.spec, shape)
         samples = [Sample(cc.process_latent_in(patcher, s.latent[None].float())[0], s.cond) for s in dataset.samples]
-        run = run_identity(job, view.family, dataset)
+        run = run_identity(job, view.spec, dataset)
         adapter = attach_adapter(view.diffusion_model, view.adaptable_modules(job.targets), job.adapter,
                                  seed=job.train.seed)
         model, trainable = view, adapter
@@ -111,14 +112,14 @@ def train_lora(model_patcher, dataset: EncodedDataset, job: LoraJob) -> LoraResu
             trainable = JointTrainable({"unet": (adapter, job.train.learning_rate, 1.0), **te.trainables()})
         # In a data-parallel run only rank 0 writes checkpoints (every rank holds the same weights).
         checkpoints = RunCheckpoints(job.checkpoint_dir if parallel.is_main else None, run, trainable)
-        diffusers_names = cc.sd_unet_diffusers_names(patcher) if view.family in (Family.SD15, Family.SDXL) else None
+        diffusers_names = cc.sd_unet_diffusers_names(patcher) if view.spec.lora_layout.needs_diffusers_names else None
 
         try:
             state, optimizer_state = TrainState(), None
             if job.init_lora is not None:
                 check_lora_tensors(dict(job.init_lora), "continue_from")
                 adapter.load_low_rank_factors(factors_from_state_dict(
-                    view.family, dict(job.init_lora), list(adapter.originals), diffusers_names))
+                    view.spec, dict(job.init_lora), list(adapter.originals), diffusers_names))
             if job.resume_from is not None:
                 step, losses, optimizer_state = checkpoints.resume(job.resume_from)
                 state = TrainState(step, losses)
@@ -132,14 +133,14 @@ def train_lora(model_patcher, dataset: EncodedDataset, job: LoraJob) -> LoraResu
                     job = replace(job, gradient_checkpointing=plan.checkpointing, blocks_to_swap=plan.blocks_to_swap)
             # Only rank 0 of a data-parallel run saves samples (every rank samples the same weights).
             previews = None if job.previews is None else \
-                TrainingPreviews(job.previews, patcher, view.family, progress,
+                TrainingPreviews(job.previews, patcher, view.spec, progress,
                                  job.checkpoint_dir if parallel.is_main else None)
             callbacks = Callbacks(on_step=previews.on_step if previews else progress.on_step,
                                   should_stop=lambda: parallel.stop_agreed or progress.should_stop(),
                                   on_checkpoint=checkpoints.write, is_cancel=cc.is_interrupt)
             try:
                 with training_failures(checkpoints, progress), \
-                        training_region(patcher, job.gradient_checkpointing, job.blocks_to_swap, device):
+                        training_region(patcher, job.gradient_checkpointing, job.blocks_to_swap, device, view.spec):
                     if previews:
                         previews.at_start(state.step)
                     state, optimizer, scheduler = train(
@@ -154,7 +155,7 @@ def train_lora(model_patcher, dataset: EncodedDataset, job: LoraJob) -> LoraResu
                 raise PeerLost(f"{e}; {checkpoints.kept()}") from e
             cancelled = state.step < job.train.steps
             checkpoints.write_final(state, optimizer, scheduler)
-            tensors = lora_state_dict(view.family, adapter.export_factors(), diffusers_names)
+            tensors = lora_state_dict(view.spec, adapter.export_factors(), diffusers_names)
             if te is not None:
                 tensors.update(te.file_tensors())
                 vectors = te.trained_vectors()
@@ -169,7 +170,7 @@ def train_lora(model_patcher, dataset: EncodedDataset, job: LoraJob) -> LoraResu
                                              "gradient_checkpointing": job.gradient_checkpointing,
                                              "checkpoint_every": job.checkpoint_every,
                                              "dataset_size": len(dataset)}, sort_keys=True, default=str),
-                **lora_file_keys(view.family, resolution=latent_resolution([tuple(s.latent.shape) for s in samples]),
+                **lora_file_keys(view.spec, resolution=latent_resolution([tuple(s.latent.shape) for s in samples]),
                                  captions=dataset.captions, dataset_name=str(dataset.info.get("source") or ""),
                                  unet_lr=job.train.learning_rate, prediction=view.schedule.prediction.value,
                                  text_encoder_lr=job.text_encoder.learning_rate if job.text_encoder else None,
@@ -178,6 +179,6 @@ def train_lora(model_patcher, dataset: EncodedDataset, job: LoraJob) -> LoraResu
     lora = DojoLoRA({k: v.cpu() for k, v in tensors.items()}, metadata)
     pivotal = job.text_encoder.embedding if job.text_encoder is not None else None
     if pivotal is not None:
-        lora.embedding = pivotal_embedding(pivotal, vectors, view.family, state.step)
+        lora.embedding = pivotal_embedding(pivotal, vectors, view.spec, state.step)
     return LoraResult(lora, list(state.losses), state.step, cancelled, checkpoints.last, plan,
                       previews.samples if previews else [])

@@ -15,9 +15,10 @@ import torch
 
 from ..training.memory_plan import (MemoryPlanRefused, ModelMemory, Plan, StepJob, estimate, free_bytes, gb, plan,
                                     probe_training_step, tensor_bytes)
+from ..training.families import FamilySpec
 from ..training.optimizers import OptimizerKind
 from . import comfy_compat as cc
-from .grad_protection import diffusion_model_of, needs_protection, training_region, transformer_blocks
+from .grad_protection import diffusion_model_of, supports_block_swap, training_region, transformer_blocks
 
 log = logging.getLogger("comfyui-dojo")
 
@@ -41,11 +42,12 @@ def _frozen_tensors(module: torch.nn.Module):
     yield from module.buffers()
 
 
-def model_memory(patcher, device: torch.device) -> ModelMemory:
+def model_memory(patcher, device: torch.device, spec: FamilySpec | None = None) -> ModelMemory:
     net = diffusion_model_of(patcher)
     total = tensor_bytes(_frozen_tensors(net))
-    blocks = tuple(tensor_bytes(_frozen_tensors(b)) for b in transformer_blocks(net)) \
-        if needs_protection(net) else ()
+    # The blocks block swap can stream (transformer families); a UNet has none.
+    blocks = tuple(tensor_bytes(_frozen_tensors(b)) for b in transformer_blocks(patcher, spec)) \
+        if supports_block_swap(patcher, spec) else ()
     # On the CPU the offload device is the compute device: parking a block frees nothing.
     return ModelMemory(total - sum(blocks), blocks, swap_saves_memory=torch.device(device).type != "cpu")
 
@@ -68,12 +70,13 @@ def step_job(model, patcher, samples, batch_size: int, config, params, device) -
     textual-inversion model), `params` the trainable parameters."""
     net = diffusion_model_of(patcher)
     device = torch.device(device)
+    spec = getattr(model, "spec", None)
 
     def measure(checkpointing: bool):
         return probe_training_step(model, samples, batch_size, config, params,
-                                   lambda gc: training_region(patcher, gc, 0, device), device, checkpointing)
+                                   lambda gc: training_region(patcher, gc, 0, device, spec), device, checkpointing)
 
-    return StepJob(model_memory(patcher, device), sum(p.numel() for p in params), OptimizerKind(config.optimizer),
+    return StepJob(model_memory(patcher, device, spec), sum(p.numel() for p in params), OptimizerKind(config.optimizer),
                    measure, device_type=device.type, batch_size=batch_size,
                    weight_dtype_bytes=weight_dtype_bytes(net))
 

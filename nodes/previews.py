@@ -27,9 +27,9 @@ from typing import Callable
 
 import torch
 
+from ..training.families import FamilySpec
 from ..training.files import next_free_path
 from ..training.image_grid import captioned, fit, preview_strip, save_image_new, stack, to_pil
-from ..training.protocol import Family
 from . import comfy_compat as cc
 from .comfy_compat import io
 
@@ -45,7 +45,7 @@ LIVE_SIDE = 512  # the live preview's longer side, in pixels
 class PreviewSettings:
     every: int = DEFAULT_SAMPLE_EVERY    # 0 = off
     steps: int = 20
-    cfg: float = 0.0                     # 0 = the family's usual scale (auto_cfg)
+    cfg: float = 0.0                     # 0 = the family's usual scale (its spec's sample_cfg)
     seed: int = 0
     width: int = 512
     height: int = 512
@@ -53,17 +53,13 @@ class PreviewSettings:
     sampler: str = "euler"
     scheduler: str = "simple"
 
-    def cfg_for(self, family: Family) -> float:
-        return self.cfg or auto_cfg(family)
+    def cfg_for(self, spec: FamilySpec) -> float:
+        """SD models sample with classifier-free guidance; guidance-distilled ones (Flux, HunyuanVideo: their
+        guidance rides in the conditioning) at cfg 1, which also skips the negative pass."""
+        return self.cfg or spec.sample_cfg
 
     def due(self, step: int) -> bool:
         return self.every > 0 and step % self.every == 0
-
-
-def auto_cfg(family: Family) -> float:
-    """SD models sample with classifier-free guidance; Flux and HunyuanVideo are guidance-distilled (their
-    guidance rides in the conditioning) and sample at cfg 1, which also skips the negative pass."""
-    return 7.0 if family in (Family.SD15, Family.SDXL) else 1.0
 
 
 @dataclass
@@ -115,14 +111,14 @@ class TrainingPreviews:
     """The previews of one run: call `at(step, loss)` at the steps `due` names."""
     request: PreviewRequest
     patcher: object
-    family: Family
+    spec: FamilySpec                   # the model view's family spec
     progress: object                   # nodes.progress.TrainingProgress
     folder: Path | None                # the run's checkpoint folder (None: nothing saved)
     samples: list[Sample] = field(default_factory=list)
 
     @property
     def video(self) -> bool:
-        return self.family is Family.HUNYUAN_VIDEO
+        return self.spec.video
 
     def due(self, step: int) -> bool:
         return self.request.settings.due(step) and not any(s.step == step for s in self.samples)
@@ -144,12 +140,12 @@ class TrainingPreviews:
     def at(self, step: int, loss: float | None) -> Sample:
         s = self.request.settings
         with isolated_sampling(self.patcher):
-            latent = cc.empty_latent(self.patcher, s.width, s.height, s.frames if self.video else 1)
+            latent = cc.empty_latent(self.patcher, s.width, s.height, s.frames if self.video else 1, self.spec)
             positive = _conditioning(self.request.positive)
             negative = _conditioning(self.request.negative) if self.request.negative is not None else None
             if negative is None:
                 negative = zero_conditioning(positive)
-            samples = cc.ksample(self.patcher, positive, negative, latent, s.seed, s.steps, s.cfg_for(self.family),
+            samples = cc.ksample(self.patcher, positive, negative, latent, s.seed, s.steps, s.cfg_for(self.spec),
                                  s.sampler, s.scheduler)
             images = cc.vae_decode(self.request.vae, samples).float().cpu()
         frames = [to_pil(f.numpy()) for f in images]

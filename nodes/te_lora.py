@@ -17,18 +17,19 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from ..training import families
 from ..training.adapters import AdapterConfig, attach_adapter
+from ..training.families import FamilyLike
 from ..training.grad_safety import copy_on_write_saved_tensors
 from ..training.lora_formats import kohya_keys
-from ..training.protocol import Family, select_linears
-from ..training.textual_inversion import (FAMILY_ENCODERS, CaptionMode, EmbeddingVectors, TextualInversionModel,
+from ..training.protocol import select_linears
+from ..training.textual_inversion import (CaptionMode, EmbeddingVectors, TextualInversionModel,
                                           caption_sample, initial_vectors, training_captions)
 from . import comfy_compat as cc
 
-# kohya's prefixes per text encoder, which ComfyUI's model_lora_keys_clip maps (lora_te_ for SD1.5's only
-# encoder; SDXL's and Flux's CLIP-L is te1, SDXL's CLIP-G te2).
-TE_PREFIXES = {Family.SD15: {"clip_l": "lora_te_"}, Family.SDXL: {"clip_l": "lora_te1_", "clip_g": "lora_te2_"},
-               Family.FLUX: {"clip_l": "lora_te1_"}}
+# kohya's prefixes per text encoder are the family spec's `te_lora_prefixes`, which ComfyUI's
+# model_lora_keys_clip maps (lora_te_ for SD1.5's only encoder; SDXL's and Flux's CLIP-L is te1, SDXL's
+# CLIP-G te2).
 _LAYERS = r"^{enc}\.transformer\.text_model\.encoder\.layers\.\d+\."
 
 
@@ -81,27 +82,31 @@ def text_encoder_job(clip, learning_rate: float, targets: str, pivotal: PivotalJ
     return TextEncoderJob(clip, float(learning_rate or 0.0), TeTargets(targets), pivotal)
 
 
-def te_modules(clip, family: Family, targets: TeTargets) -> dict[str, nn.Module]:
+def te_modules(clip, family: FamilyLike, targets: TeTargets) -> dict[str, nn.Module]:
     """The text-transformer linears to adapt, by module name inside `clip.cond_stage_model`."""
-    family = Family(family)
-    if family not in TE_PREFIXES:
-        raise ValueError(f"text-encoder LoRA supports SD1.5, SDXL and Flux (CLIP-L); this MODEL is {family.value}")
+    spec = families.as_spec(family)
+    prefixes = spec.te_lora_prefixes
+    if not prefixes:
+        supported = ", ".join(s.label for s in families.all_specs() if s.te_lora_prefixes)
+        raise ValueError(f"text-encoder LoRA supports {supported} (their CLIPs); this MODEL is {spec.family.value}")
     root = clip.cond_stage_model
     found = {}
-    for enc in TE_PREFIXES[family]:
+    for enc in prefixes:
         found.update(select_linears(root, _LAYERS.format(enc=enc) + r".*" + _TARGET_PATTERNS[TeTargets(targets)]))
     if not found:
-        raise ValueError(f"the CLIP has no {'/'.join(TE_PREFIXES[family])} text transformer layers: connect the "
-                         f"CLIP of the same checkpoint as the MODEL ({family.value})")
+        raise ValueError(f"the CLIP has no {'/'.join(prefixes)} text transformer layers: connect the "
+                         f"CLIP of the same checkpoint as the MODEL ({spec.family.value})")
     return found
 
 
-def te_lora_keys(family: Family, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def te_lora_keys(family: FamilyLike, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+                 ) -> dict[str, torch.Tensor]:
     """kohya's layout: `<prefix>text_model_encoder_layers_<i>_<module>.lora_down/up.weight` + `.alpha`."""
+    prefixes = families.as_spec(family).te_lora_prefixes
     out = {}
     for name, pair in factors.items():
         enc, _, inner = name.partition(".transformer.")
-        out.update(kohya_keys({inner: pair}, TE_PREFIXES[Family(family)][enc]))
+        out.update(kohya_keys({inner: pair}, prefixes[enc]))
     return out
 
 
@@ -109,24 +114,26 @@ class TextEncoderSession:
     """The text encoder's LoRA during a run: a training clone of the CLIP with the layers attached, the
     tokens of each caption, and the model view that encodes a batch's captions each step."""
 
-    def __init__(self, job: TextEncoderJob, family: Family, adapter_config: AdapterConfig, seed: int):
-        self.job, self.family = job, Family(family)
+    def __init__(self, job: TextEncoderJob, family: FamilyLike, adapter_config: AdapterConfig, seed: int):
+        self.job, self.spec = job, families.as_spec(family)
+        self.family = self.spec.family
         self.vectors, table = None, {}
         pivotal = job.embedding
         if pivotal is not None:
-            if self.family not in FAMILY_ENCODERS:
-                raise ValueError(f"pivotal tuning supports SD1.5 and SDXL; this MODEL is {self.family.value}")
+            if not self.spec.text_encoders:
+                supported = " and ".join(s.label for s in families.all_specs() if s.text_encoders)
+                raise ValueError(f"pivotal tuning supports {supported}; this MODEL is {self.family.value}")
             if not 1 <= pivotal.num_vectors <= 16:
                 raise ValueError(f"the pivotal embedding needs 1 to 16 vectors (got {pivotal.num_vectors})")
             self.vectors = EmbeddingVectors({k: initial_vectors(cc.clip_token_rows(job.clip, k, pivotal.init_word),
                                                                 pivotal.num_vectors)
-                                             for k in FAMILY_ENCODERS[self.family]})
+                                             for k in self.spec.text_encoders})
             table = {pivotal.name: self.vectors.vectors}
         self.clip = cc.clip_with_embeddings(job.clip, table, for_training=True)
         cc.prepare_clip_for_training(self.clip)
         self.adapter = None
         if job.learning_rate > 0:
-            self.adapter = attach_adapter(self.clip.cond_stage_model, te_modules(self.clip, family, job.targets),
+            self.adapter = attach_adapter(self.clip.cond_stage_model, te_modules(self.clip, self.spec, job.targets),
                                           adapter_config, seed=seed + 1)
         self.tokens: dict[str, dict] = {}
 
@@ -169,7 +176,7 @@ class TextEncoderSession:
         return TextualInversionModel(view, unique, self.encode)
 
     def file_tensors(self) -> dict[str, torch.Tensor]:
-        return {} if self.adapter is None else te_lora_keys(self.family, self.adapter.export_factors())
+        return {} if self.adapter is None else te_lora_keys(self.spec, self.adapter.export_factors())
 
     def trained_vectors(self) -> dict[str, torch.Tensor] | None:
         return None if self.vectors is None else {k: v.cpu() for k, v in self.vectors.state_dict().items()}
@@ -179,10 +186,11 @@ class TextEncoderSession:
             self.adapter.detach()
 
 
-def pivotal_embedding(job: PivotalJob, vectors: dict[str, torch.Tensor], family: Family, steps: int):
+def pivotal_embedding(job: PivotalJob, vectors: dict[str, torch.Tensor], family: FamilyLike, steps: int):
     """The trained pivotal embedding as a DojoEmbedding (what Save Embedding writes)."""
     from .ti_training import DojoEmbedding
-    metadata = {"dojo_family": Family(family).value, "dojo_embedding_name": job.name, "dojo_init_word": job.init_word,
+    family = families.as_spec(family).family
+    metadata = {"dojo_family": family.value, "dojo_embedding_name": job.name, "dojo_init_word": job.init_word,
                 "dojo_num_vectors": str(job.num_vectors), "dojo_steps": str(steps), "dojo_pivotal": "true",
                 "dojo_learning_rate": str(job.learning_rate), "dojo_train_fraction": str(job.train_fraction)}
     if job.trigger_word:
@@ -191,7 +199,8 @@ def pivotal_embedding(job: PivotalJob, vectors: dict[str, torch.Tensor], family:
 
 
 @contextmanager
-def text_encoder_session(job: TextEncoderJob | None, family: Family, adapter_config: AdapterConfig, seed: int):
+def text_encoder_session(job: TextEncoderJob | None, family: FamilyLike, adapter_config: AdapterConfig,
+                         seed: int):
     """A `TextEncoderSession` for the run (None when the text encoder does not train), detached on exit."""
     if job is None:
         yield None

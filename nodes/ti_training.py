@@ -15,14 +15,16 @@ from pathlib import Path
 
 import torch
 
+from ..training import families
 from ..training.batches import BatchSchedule
 from ..training.checkpoints import RunCheckpoints
 from ..training.distributed import data_parallel
 from ..training.encoded import fingerprint_samples
+from ..training.families import FamilyLike
 from ..training.grad_safety import copy_on_write_saved_tensors
 from ..training.loop import Callbacks, TrainConfig, TrainState, train
-from ..training.protocol import Conditioning, Family
-from ..training.textual_inversion import (FAMILY_ENCODERS, CaptionMode, EmbeddingVectors, TextualInversionModel,
+from ..training.protocol import Conditioning
+from ..training.textual_inversion import (CaptionMode, EmbeddingVectors, TextualInversionModel,
                                           caption_sample, initial_vectors, training_captions)
 from . import comfy_compat as cc
 from .comfy_model import trainable_view
@@ -86,13 +88,17 @@ def check_embedding_name(name: str) -> str:
     return name
 
 
-def check_clip_fits(clip, family: Family) -> list[str]:
-    if family not in FAMILY_ENCODERS:
-        raise cc.UnsupportedModelError(f"textual inversion supports SD1.5 and SDXL; this MODEL is {family.value}")
+def check_clip_fits(clip, family: FamilyLike) -> list[str]:
+    """The CLIP's encoder keys, when they are the ones the family's embeddings hold (its spec's
+    `text_encoders`); families without any take no embedding."""
+    spec = families.as_spec(family)
+    if not spec.text_encoders:
+        supported = " and ".join(s.label for s in families.all_specs() if s.text_encoders)
+        raise cc.UnsupportedModelError(f"textual inversion supports {supported}; this MODEL is {spec.family.value}")
     keys = cc.clip_encoder_keys(clip)
-    if tuple(keys) != tuple(sorted(FAMILY_ENCODERS[family])):
-        raise ValueError(f"the CLIP has text encoders {keys} but a {family.value} embedding needs "
-                         f"{list(FAMILY_ENCODERS[family])}: connect the CLIP of the same checkpoint as the MODEL")
+    if tuple(keys) != tuple(sorted(spec.text_encoders)):
+        raise ValueError(f"the CLIP has text encoders {keys} but a {spec.family.value} embedding needs "
+                         f"{list(spec.text_encoders)}: connect the CLIP of the same checkpoint as the MODEL")
     return keys
 
 
@@ -118,8 +124,9 @@ def train_embedding(model_patcher, clip, latents: list[torch.Tensor], captions: 
     if not 1 <= job.num_vectors <= 16:
         raise ValueError(f"number of vectors must be 1 to 16 (got {job.num_vectors})")
     job.train.validate()
-    family = cc.model_family(model_patcher)
-    keys = check_clip_fits(clip, family)
+    spec = cc.model_spec(model_patcher)
+    family = spec.family
+    keys = check_clip_fits(clip, spec)
     per_item = training_captions(job.caption_mode, captions, f"embedding:{name}", job.trigger_word)
     unique = list(dict.fromkeys(c for cs in per_item for c in cs))
     progress = TrainingProgress(job.train.steps)
@@ -135,7 +142,7 @@ def train_embedding(model_patcher, clip, latents: list[torch.Tensor], captions: 
         index = {c: i for i, c in enumerate(unique)}
         samples, sample_captions = [], []
         for latent in {tuple(x.shape): x for x in latents}.values():
-            cc.check_latents_fit(patcher, family, latent)
+            cc.check_latents_fit(patcher, spec, latent)
         for latent, cs in zip(latents, per_item):
             model_latent = cc.process_latent_in(patcher, latent[None].float().clone())[0]
             for c in cs:
@@ -177,12 +184,12 @@ def train_embedding(model_patcher, clip, latents: list[torch.Tensor], captions: 
             previews = TrainingPreviews(
                 replace(job.previews, positive=lambda: cc.encode_prompt(train_clip, positive),
                         negative=lambda: cc.encode_prompt(train_clip, negative)),
-                patcher, family, progress, job.checkpoint_dir if parallel.is_main else None)
+                patcher, spec, progress, job.checkpoint_dir if parallel.is_main else None)
         callbacks = Callbacks(on_step=previews.on_step if previews else progress.on_step,
                               should_stop=lambda: parallel.stop_agreed or progress.should_stop(),
                               on_checkpoint=checkpoints.write, is_cancel=cc.is_interrupt)
         with training_failures(checkpoints, progress), \
-                training_region(patcher, plan is not None and plan.checkpointing):
+                training_region(patcher, plan is not None and plan.checkpointing, spec=spec):
             if previews:
                 previews.at_start(state.step)
             state, optimizer, scheduler = train(

@@ -14,7 +14,7 @@ from ..training.loop import LRSchedule, Precision, TrainConfig
 from ..training.loss_plot import render_loss_plot
 from ..training.optimizers import OptimizerKind
 from ..training.protocol import TargetPreset
-from ..training.recipes import CHECKPOINTING_PARAMETER_THRESHOLD, LORA_RECIPES, default_timestep_sampling
+from ..training.recipes import CHECKPOINTING_PARAMETER_THRESHOLD, default_timestep_sampling
 from ..training.timesteps import TimestepSampling
 from . import comfy_compat as cc
 from .comfy_compat import io, ui
@@ -88,9 +88,9 @@ class AutoSettings:
 def resolve_auto_settings(view: ComfyDenoisingModel, *, rank: int = 0, learning_rate: float = 0.0,
                           targets: str = AUTO, timestep_sampling: str = AUTO, shift: float = 0.0,
                           gradient_checkpointing: str = AUTO) -> AutoSettings:
-    """A set value always wins; 'auto' and 0 take the family recipe (training/recipes.py) and the
-    model's own sampling shift."""
-    recipe = LORA_RECIPES[view.family]
+    """A set value always wins; 'auto' and 0 take the family recipe (its spec's, training/families) and
+    the model's own sampling shift."""
+    recipe = view.spec.recipe
     if gradient_checkpointing == AUTO:
         size = sum(p.numel() for p in view.diffusion_model.parameters())
         checkpointing = recipe.gradient_checkpointing or size > CHECKPOINTING_PARAMETER_THRESHOLD

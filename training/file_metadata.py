@@ -15,24 +15,12 @@ from collections import Counter
 
 import torch
 
-from .protocol import Family
+from .families import FamilyLike, as_spec
+from .families.sdxl import IMPL_STABILITY_AI
 
-# kohya's ss_base_model_version (sd_v1 / sdxl_base_v1-0 / flux1; musubi-tuner: hunyuan_video). A1111 and
-# Forge decide a LoRA's base model from it (network.py detect_version: "sdxl_" prefix -> SDXL).
-BASE_MODEL_VERSION = {Family.SD15: "sd_v1", Family.SDXL: "sdxl_base_v1-0", Family.FLUX: "flux1",
-                      Family.HUNYUAN_VIDEO: "hunyuan_video"}
-# ModelSpec architecture ids and implementations, as kohya / musubi-tuner write them.
-ARCHITECTURE = {Family.SD15: "stable-diffusion-v1", Family.SDXL: "stable-diffusion-xl-v1-base",
-                Family.FLUX: "flux-1-dev", Family.HUNYUAN_VIDEO: "hunyuan-video"}
-IMPL_STABILITY_AI = "https://github.com/Stability-AI/generative-models"
-_LORA_IMPLEMENTATION = {Family.SD15: "diffusers", Family.SDXL: IMPL_STABILITY_AI,
-                        Family.FLUX: "https://github.com/black-forest-labs/flux",
-                        Family.HUNYUAN_VIDEO: "https://github.com/Tencent/HunyuanVideo"}
-# kohya's `--network_module` for a plain LoRA of each family: what its own loaders would import.
-NETWORK_MODULE = {Family.SD15: "networks.lora", Family.SDXL: "networks.lora", Family.FLUX: "networks.lora_flux",
-                  Family.HUNYUAN_VIDEO: "networks.lora"}
-DEFAULT_RESOLUTION = {Family.SD15: (512, 512), Family.SDXL: (1024, 1024), Family.FLUX: (1024, 1024),
-                      Family.HUNYUAN_VIDEO: (1280, 720)}
+# Per family (its spec's `metadata`, training/families): kohya's ss_base_model_version (A1111 and Forge
+# decide a LoRA's base model from it: network.py detect_version, "sdxl_" prefix -> SDXL), the ModelSpec
+# architecture id and LoRA implementation, kohya's `--network_module`, and the default resolution.
 MODELSPEC_VERSION = "1.0.1"
 _PREDICTION_TYPE = {"eps": "epsilon", "v": "v"}  # Dojo's Prediction values -> ModelSpec's
 KIND_LORA = "lora"
@@ -58,13 +46,13 @@ def latent_resolution(latent_shapes: list[tuple[int, ...]], scale: int = 8) -> t
     return w * scale, h * scale
 
 
-def training_keys(family: Family, *, resolution: tuple[int, int] | None, captions: list[str] | None = None,
+def training_keys(family: FamilyLike, *, resolution: tuple[int, int] | None, captions: list[str] | None = None,
                   dataset_name: str = "", text_encoder_lr: float | None = None, unet_lr: float | None = None,
                   clip_skip: int | None = None) -> dict[str, str]:
     """kohya's ss_* keys that describe the training: base model, network module, resolution, tags."""
-    family = Family(family)
-    w, h = resolution or DEFAULT_RESOLUTION[family]
-    out = {"ss_base_model_version": BASE_MODEL_VERSION[family], "ss_network_module": NETWORK_MODULE[family],
+    meta = as_spec(family).metadata
+    w, h = resolution or meta.default_resolution
+    out = {"ss_base_model_version": meta.base_model_version, "ss_network_module": meta.network_module,
            "ss_v2": "False", "ss_resolution": f"({w}, {h})"}
     if captions:
         out["ss_tag_frequency"] = json.dumps(tag_frequency(captions, dataset_name))
@@ -77,29 +65,29 @@ def training_keys(family: Family, *, resolution: tuple[int, int] | None, caption
     return out
 
 
-def modelspec_keys(family: Family, *, kind: str = KIND_LORA, title: str, resolution: tuple[int, int] | None,
+def modelspec_keys(family: FamilyLike, *, kind: str = KIND_LORA, title: str, resolution: tuple[int, int] | None,
                    timestamp: float, trigger_phrase: str | None = None, prediction: str | None = None,
                    description: str | None = None) -> dict[str, str]:
     """ModelSpec 1.0.1 keys (architecture `<id>/lora` or `<id>/textual-inversion`, implementation,
     title, resolution `WxH`, ISO-8601 date, trigger phrase, prediction type for SD)."""
-    family = Family(family)
-    w, h = resolution or DEFAULT_RESOLUTION[family]
+    meta = as_spec(family).metadata
+    w, h = resolution or meta.default_resolution
     # kohya: textual inversion is always the SAI implementation; a LoRA is SAI for SDXL, diffusers for SD1.
-    implementation = IMPL_STABILITY_AI if kind == KIND_EMBEDDING else _LORA_IMPLEMENTATION[family]
-    out = {"modelspec.sai_model_spec": MODELSPEC_VERSION, "modelspec.architecture": f"{ARCHITECTURE[family]}/{kind}",
+    implementation = IMPL_STABILITY_AI if kind == KIND_EMBEDDING else meta.implementation
+    out = {"modelspec.sai_model_spec": MODELSPEC_VERSION, "modelspec.architecture": f"{meta.architecture}/{kind}",
            "modelspec.implementation": implementation, "modelspec.title": title,
            "modelspec.resolution": f"{w}x{h}",
            "modelspec.date": datetime.datetime.fromtimestamp(int(timestamp)).isoformat()}
     if trigger_phrase:
         out["modelspec.trigger_phrase"] = trigger_phrase
-    if prediction and family in (Family.SD15, Family.SDXL):
+    if prediction and meta.records_prediction:
         out["modelspec.prediction_type"] = _PREDICTION_TYPE.get(prediction, prediction)
     if description:
         out["modelspec.description"] = description
     return out
 
 
-def lora_file_keys(family: Family, *, resolution: tuple[int, int] | None, captions: list[str] | None = None,
+def lora_file_keys(family: FamilyLike, *, resolution: tuple[int, int] | None, captions: list[str] | None = None,
                    dataset_name: str = "", unet_lr: float | None = None, text_encoder_lr: float | None = None,
                    prediction: str | None = None, trigger_phrase: str | None = None,
                    timestamp: float | None = None) -> dict[str, str]:
@@ -113,14 +101,14 @@ def lora_file_keys(family: Family, *, resolution: tuple[int, int] | None, captio
                              timestamp=timestamp, trigger_phrase=trigger_phrase, prediction=prediction)}
 
 
-def embedding_file_keys(family: Family, *, name: str, resolution: tuple[int, int] | None = None,
+def embedding_file_keys(family: FamilyLike, *, name: str, resolution: tuple[int, int] | None = None,
                         timestamp: float | None = None) -> dict[str, str]:
     """The base-model keys an embedding file carries: kohya's ss_base_model_version (A1111 reads it for
     embeddings as for LoRAs) and the ModelSpec textual-inversion keys, the prompt name as trigger phrase."""
     timestamp = time.time() if timestamp is None else timestamp
-    family = Family(family)
-    w, h = resolution or DEFAULT_RESOLUTION[family]
-    return {"ss_base_model_version": BASE_MODEL_VERSION[family], "ss_v2": "False", "ss_output_name": name,
+    meta = as_spec(family).metadata
+    w, h = resolution or meta.default_resolution
+    return {"ss_base_model_version": meta.base_model_version, "ss_v2": "False", "ss_output_name": name,
             "ss_resolution": f"({w}, {h})",
             **modelspec_keys(family, kind=KIND_EMBEDDING, title=name, resolution=resolution, timestamp=timestamp,
                              trigger_phrase=name)}

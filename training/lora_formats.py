@@ -6,74 +6,37 @@ scale of 1: kohya's Flux loader (`networks/lora_flux.py`) requires one per modul
 diffusers read alpha = rank exactly as no alpha. The musubi/diffusers `lora_A/B` layout (HunyuanVideo)
 has no alpha key. Module names come in the model's native (ComfyUI / original) layout; SD UNets
 additionally need the diffusers name of each module, which the caller supplies (ComfyUI knows it).
+Each family's layout is its spec's `lora_layout` (training/families); these are the helpers over it.
 """
 from __future__ import annotations
 
-import re
-
 import torch
 
-from .protocol import Family
+from .families import FamilyLike, LoraLayout, as_spec
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
-
-# ComfyUI's HunyuanVideo module names -> the original Tencent names diffusers' converter expects.
-_HUNYUAN_RENAMES = [
-    (r"(img|txt)_attn\.qkv$", r"\1_attn_qkv"),
-    (r"(img|txt)_attn\.proj$", r"\1_attn_proj"),
-    (r"(img|txt)_mlp\.0$", r"\1_mlp.fc1"),
-    (r"(img|txt)_mlp\.2$", r"\1_mlp.fc2"),
-    (r"(img|txt)_mod\.lin$", r"\1_mod.linear"),
-    (r"modulation\.lin$", r"modulation.linear"),
-]
 
 
 def kohya_keys(factors: Factors, prefix: str = "lora_unet_") -> dict[str, torch.Tensor]:
     """`<prefix><module path with . -> _>.lora_down/.lora_up.weight` and `.alpha` (= rank)."""
-    out = {}
-    for name, (down, up) in factors.items():
-        key = prefix + name.replace(".", "_")
-        out[f"{key}.lora_down.weight"] = down
-        out[f"{key}.lora_up.weight"] = up
-        out[f"{key}.alpha"] = torch.tensor(float(down.shape[0]))
-    return out
+    return LoraLayout(prefix=prefix).state_dict(factors)
 
 
-def hunyuan_video_name(comfy_name: str) -> str:
-    for pattern, repl in _HUNYUAN_RENAMES:
-        comfy_name = re.sub(pattern, repl, comfy_name)
-    return comfy_name
-
-
-def lora_state_dict(family: Family, factors: Factors, diffusers_names: dict[str, str] | None = None
+def lora_state_dict(family: FamilyLike, factors: Factors, diffusers_names: dict[str, str] | None = None
                     ) -> dict[str, torch.Tensor]:
-    """The file's tensors for `family` from per-module (down, up) factors keyed by native module name."""
-    family = Family(family)
-    if family in (Family.SD15, Family.SDXL):
-        if diffusers_names is None:
-            raise ValueError("SD UNet LoRAs need the diffusers name of each module")
-        missing = [n for n in factors if n not in diffusers_names]
-        if missing:
-            raise ValueError(f"no diffusers name known for {len(missing)} modules, e.g. {missing[:3]}")
-        return kohya_keys({diffusers_names[n]: f for n, f in factors.items()})
-    if family is Family.FLUX:
-        return kohya_keys(factors)
-    out = {}
-    for name, (down, up) in factors.items():
-        key = f"diffusion_model.{hunyuan_video_name(name)}"
-        out[f"{key}.lora_A.weight"] = down
-        out[f"{key}.lora_B.weight"] = up
-    return out
+    """The file's tensors in the family's layout from per-module (down, up) factors keyed by native module name."""
+    return as_spec(family).lora_layout.state_dict(factors, diffusers_names)
 
 
-def factors_from_state_dict(family: Family, state: dict[str, torch.Tensor], module_names: list[str],
+def factors_from_state_dict(family: FamilyLike, state: dict[str, torch.Tensor], module_names: list[str],
                             diffusers_names: dict[str, str] | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """The inverse of `lora_state_dict` for the modules in `module_names`: (down, up) per module found in
     a file. Keys that belong to none of those modules are reported, never silently dropped."""
-    if Family(family) in (Family.SD15, Family.SDXL) and diffusers_names is None:
+    layout = as_spec(family).lora_layout
+    if layout.needs_diffusers_names and diffusers_names is None:
         raise ValueError("SD UNet LoRAs need the diffusers name of each module")
     by_key = {key: (name, slot) for name in module_names
-              for slot, key in enumerate(_module_keys(family, name, diffusers_names))}
+              for slot, key in enumerate(layout.keys(name, diffusers_names))}
     unknown = sorted(k for k in state if k not in by_key)
     if unknown:
         raise ValueError(f"{len(unknown)} tensors of the LoRA belong to no layer of the chosen targets "
@@ -103,14 +66,3 @@ def check_lora_tensors(tensors: dict[str, torch.Tensor], source: str) -> None:
             raise ValueError(f"{source}: tensor '{key}' holds {bad} NaN or infinite values of {tensor.numel()}; the "
                              "LoRA is broken (a diverged training run?) and would spoil every image: retrain it or "
                              "use an earlier file")
-
-
-def _module_keys(family: Family, name: str, diffusers_names: dict[str, str] | None) -> list[str]:
-    """The (down, up, alpha) keys of module `name` in `family`'s layout."""
-    family = Family(family)
-    if family is Family.HUNYUAN_VIDEO:
-        key = f"diffusion_model.{hunyuan_video_name(name)}"
-        return [f"{key}.lora_A.weight", f"{key}.lora_B.weight", f"{key}.alpha"]
-    path = diffusers_names[name] if family in (Family.SD15, Family.SDXL) else name
-    key = "lora_unet_" + path.replace(".", "_")
-    return [f"{key}.lora_down.weight", f"{key}.lora_up.weight", f"{key}.alpha"]

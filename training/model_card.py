@@ -7,18 +7,21 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+from . import families
+from .families import FamilySpec
 from .sharing import training_settings
 
 LICENSES = ["other", "openrail++", "creativeml-openrail-m", "apache-2.0", "mit", "cc-by-4.0", "cc-by-nc-4.0",
             "flux-1-dev-non-commercial-license"]
 
-# family -> (Hugging Face base model id used when the file names none we can map, diffusers pipeline)
-FAMILY_BASES = {
-    "sd15": ("stable-diffusion-v1-5/stable-diffusion-v1-5", "StableDiffusionPipeline"),
-    "sdxl": ("stabilityai/stable-diffusion-xl-base-1.0", "StableDiffusionXLPipeline"),
-    "flux": ("black-forest-labs/FLUX.1-dev", "FluxPipeline"),
-    "hunyuan_video": ("hunyuanvideo-community/HunyuanVideo", "HunyuanVideoPipeline"),
-}
+
+
+def _spec(family: str) -> FamilySpec | None:
+    """The registered spec of a file's `dojo_family`, or None (another tool's file, a family unknown here)."""
+    try:
+        return families.spec(family)
+    except (KeyError, ValueError):
+        return None
 
 
 @dataclass
@@ -41,18 +44,17 @@ def _yaml_scalar(value: str) -> str:
 
 def front_matter(card: CardInput) -> dict:
     family = card.metadata.get("dojo_family", "")
-    base = card.base_model or FAMILY_BASES.get(family, ("", ""))[0]
+    spec = _spec(family)
+    base = card.base_model or (spec.metadata.hub_base_model if spec else "")
     tags = ["lora", "comfyui", "comfyui-dojo"] + ([family] if family else [])
-    if family in ("sd15", "sdxl", "flux"):
-        tags.append("text-to-image")
-    elif family == "hunyuan_video":
-        tags.append("text-to-video")
+    if spec is not None:
+        tags.append("text-to-video" if spec.video else "text-to-image")
     data = {"license": card.license, "tags": tags}
     if base:
         data["base_model"] = base
     if card.trigger_word:
         data["instance_prompt"] = card.trigger_word
-    data["pipeline_tag"] = "text-to-video" if family == "hunyuan_video" else "text-to-image"
+    data["pipeline_tag"] = "text-to-video" if spec is not None and spec.video else "text-to-image"
     if family:
         data["library_name"] = "diffusers"
     return data
@@ -88,11 +90,13 @@ def model_card(card: CardInput) -> str:
     meta = card.metadata
     family = meta.get("dojo_family", "")
     base = front_matter(card).get("base_model", "")
-    pipeline = FAMILY_BASES.get(family, ("", "DiffusionPipeline"))[1] or "DiffusionPipeline"
+    spec = _spec(family)
+    pipeline = spec.metadata.diffusers_pipeline if spec else "DiffusionPipeline"
+    video = spec is not None and spec.video
     trigger = card.trigger_word
     prompt = f"{trigger}, " if trigger else ""
     out = ["---", yaml_text(front_matter(card)), "---", "", f"# {card.name}", ""]
-    kind = "HunyuanVideo" if family == "hunyuan_video" else (family.upper() if family else "a diffusion model")
+    kind = spec.label if video else (family.upper() if family else "a diffusion model")
     out.append(f"A LoRA for {kind} trained in ComfyUI with [ComfyUI-Dojo](https://github.com/comfyui-dojo/ComfyUI-Dojo).")
     out.append("")
     if trigger:
@@ -116,7 +120,7 @@ def model_card(card: CardInput) -> str:
             f'pipe = {pipeline}.from_pretrained("{base or "<base model id>"}", torch_dtype=torch.bfloat16)',
             f'pipe.load_lora_weights(".", weight_name="{card.adapter_file}", adapter_name="{card.name}")',
             f'pipe.set_adapters(["{card.name}"], adapter_weights=[{card.strength:g}])',
-            f'image = pipe("{prompt}a photo").images[0]' if family != "hunyuan_video"
+            f'image = pipe("{prompt}a photo").images[0]' if not video
             else f'frames = pipe("{prompt}a video", num_frames=33).frames[0]',
             "```", ""]
     rows = settings_rows(meta)

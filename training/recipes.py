@@ -1,13 +1,14 @@
-"""Per-family defaults, from the recipes the anchor trainers ship (DESIGN.md section 7).
+"""Per-family defaults, from the recipes the anchor trainers ship (DESIGN.md section 7): each family's
+`LoraRecipe` is its spec's `recipe` (training/families).
 
-Nodes expose "0 = auto" widgets that resolve here, so one workflow works across families and a user
+Nodes expose "0 = auto" widgets that resolve there, so one workflow works across families and a user
 who sets a value always wins.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .protocol import Family, Prediction, TargetPreset
+from .protocol import Prediction, TargetPreset
 from .timesteps import TimestepSampling
 
 
@@ -18,14 +19,6 @@ class LoraRecipe:
     targets: TargetPreset
     gradient_checkpointing: bool
 
-
-LORA_RECIPES = {
-    Family.SD15: LoraRecipe(16, 1e-4, TargetPreset.ATTENTION_MLP, False),
-    Family.SDXL: LoraRecipe(16, 1e-4, TargetPreset.ATTENTION_MLP, True),
-    Family.FLUX: LoraRecipe(16, 1e-4, TargetPreset.ATTENTION_MLP, True),
-    # musubi-tuner's HunyuanVideo default: every linear of the double- and single-stream blocks.
-    Family.HUNYUAN_VIDEO: LoraRecipe(32, 2e-4, TargetPreset.ALL_LINEAR, True),
-}
 
 # Models this large train with gradient checkpointing by default (activations dominate memory).
 CHECKPOINTING_PARAMETER_THRESHOLD = 1_000_000_000

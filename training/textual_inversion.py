@@ -18,14 +18,13 @@ import torch
 from torch import nn
 
 from .batches import Sample
-from .protocol import Conditioning, DenoisingModel, Family, TargetPreset
+from .protocol import Conditioning, DenoisingModel, TargetPreset
 
 PLACEHOLDER = "{token}"
 CAPTION_KEY = "caption"
 
 # Hidden width of each text encoder an embedding file names (A1111 / ComfyUI keys).
 ENCODER_WIDTHS = {"clip_l": 768, "clip_g": 1280}
-FAMILY_ENCODERS = {Family.SD15: ("clip_l",), Family.SDXL: ("clip_l", "clip_g")}
 
 
 class CaptionMode(str, enum.Enum):
@@ -139,6 +138,7 @@ class TextualInversionModel:
                  encode: Callable[[list[str]], Conditioning]):
         self.base, self.captions, self.encode = base, captions, encode
         self.family, self.schedule = base.family, base.schedule
+        self.spec = getattr(base, "spec", None)   # the base view's family spec, for the memory planner
 
     def predict(self, noisy: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         captions = [self.captions[i] for i in cond.extra[CAPTION_KEY].tolist()]

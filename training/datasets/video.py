@@ -14,7 +14,7 @@ from typing import Sequence
 import av
 from PIL import Image
 
-from ..protocol import Family
+from ..families import FamilyLike, as_spec
 from .errors import DatasetError
 
 VIDEO_SUFFIXES = frozenset({".mp4", ".webm", ".mov", ".mkv"})
@@ -30,8 +30,9 @@ class FrameRule(str, enum.Enum):
         return self is FrameRule.ANY or frames % 4 == 1
 
     @classmethod
-    def for_family(cls, family: Family | str | None) -> "FrameRule":
-        return cls.FOUR_K_PLUS_1 if family in (Family.HUNYUAN_VIDEO, Family.HUNYUAN_VIDEO.value) else cls.ANY
+    def for_family(cls, family: FamilyLike | None) -> "FrameRule":
+        """The family spec's frame rule (training/families); ANY for no family."""
+        return cls.ANY if family is None else cls(as_spec(family).frames_rule)
 
 
 class ClipMode(str, enum.Enum):

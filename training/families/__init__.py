@@ -62,6 +62,10 @@ class LoraLayout:
 
     def state_dict(self, factors: Factors, diffusers_names: Mapping[str, str] | None = None
                    ) -> dict[str, torch.Tensor]:
+        if self.needs_diffusers_names and diffusers_names is not None:
+            missing = [n for n in factors if n not in diffusers_names]
+            if missing:
+                raise ValueError(f"no diffusers name known for {len(missing)} modules, e.g. {missing[:3]}")
         out = {}
         for name, (down, up) in factors.items():
             down_key, up_key, alpha_key = self.keys(name, diffusers_names)
@@ -97,12 +101,21 @@ class FileMetadata:
     implementation: str            # ModelSpec implementation of a LoRA for this family
     network_module: str = "networks.lora"
     default_resolution: tuple[int, int] = (1024, 1024)
+    records_prediction: bool = False   # ModelSpec prediction_type (eps / v models: SD1.5, SDXL)
+    hub_base_model: str = ""           # the Hugging Face base model a model card names when the file names none
+    diffusers_pipeline: str = "DiffusionPipeline"   # the pipeline a model card's diffusers snippet loads
 
 
 # --- the spec -------------------------------------------------------------------------------------
 
 def no_extra_conditions(noisy: torch.Tensor, extra: dict) -> dict:
     return extra
+
+
+def training_guidance(noisy: torch.Tensor, extra: dict) -> dict:
+    """Guidance-distilled models train at guidance 1 (ai-toolkit, musubi-tuner), not at ComfyUI's sampling
+    default (3.5 / 6), unless the encoded conditioning carries its own."""
+    return {"guidance": 1.0, **extra}
 
 
 @dataclass(frozen=True)
@@ -115,8 +128,11 @@ class FamilySpec:
     lora_layout: LoraLayout
     metadata: FileMetadata
     # Transformer block lists (attributes of the diffusion model, in call order) that protection,
-    # checkpointing and block swap work on; () means a UNet (SD1.5 / SDXL), whose layers are units.
+    # checkpointing and block swap work on. A UNet (SD1.5 / SDXL) has none; its checkpointing units are
+    # the layers inside its `unet_blocks` containers (ComfyUI calls those layers, never the containers),
+    # and it cannot block-swap.
     block_lists: tuple[str, ...] = ()
+    unet_blocks: tuple[str, ...] = ()
     writes_in_place: bool = False               # blocks add residuals in place into tensors autograd saved
     video: bool = False                         # latents [C, T, H, W]
     frames_rule: str = "any"                    # "4k+1" when a video VAE needs 4k+1 frames
@@ -130,6 +146,9 @@ class FamilySpec:
     te_lora_prefixes: Mapping[str, str] = field(default_factory=dict)   # CLIP encoder key -> kohya prefix
     generic: bool = False                       # built at run time by families.generic for an unknown model
 
+
+# What the helpers over specs accept: a spec (the model view's, possibly built at run time) or a family id.
+FamilyLike = Family | str | FamilySpec
 
 _REGISTRY: dict[Family, FamilySpec] = {}
 _BY_CONFIG: dict[str, FamilySpec] = {}
@@ -150,6 +169,11 @@ def spec(family: Family | str) -> FamilySpec:
     return _REGISTRY[Family(family)]
 
 
+def as_spec(family: FamilyLike) -> FamilySpec:
+    """The spec itself, or the registered spec of a family id (helpers accept either)."""
+    return family if isinstance(family, FamilySpec) else spec(family)
+
+
 def spec_for_config(config_name: str) -> FamilySpec | None:
     """The first-class family ComfyUI's model config class `config_name` is, or None (generic mode)."""
     return _BY_CONFIG.get(config_name)
@@ -157,3 +181,20 @@ def spec_for_config(config_name: str) -> FamilySpec | None:
 
 def all_specs() -> list[FamilySpec]:
     return list(_REGISTRY.values())
+
+
+def labels() -> str:
+    """The registered families for messages: "SD1.5, SDXL, Flux, HunyuanVideo"."""
+    return ", ".join(s.label for s in all_specs())
+
+
+def _register_all() -> None:
+    """Registering happens on import of each family's module: the original four first (the order messages
+    list them in), then every other module of this package, so a new family is one new file here."""
+    import importlib
+    import pkgutil
+    for name in ["sd15", "sdxl", "flux", "hunyuan_video"] + sorted(m.name for m in pkgutil.iter_modules(__path__)):
+        importlib.import_module(f"{__name__}.{name}")
+
+
+_register_all()
