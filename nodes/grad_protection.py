@@ -100,9 +100,12 @@ def training_region(model, checkpointing: bool, blocks_to_swap: int = 0,
         stats = None
         stack.enter_context(cc.comfy_training_mode())
         protect = needs_protection(model, spec)
-        if checkpointing or protect:
+        substitutions = cc.training_substitutions()
+        # The RoPE substitution (0.8) is needed by every transformer that calls comfy-kitchen's RoPE, also by
+        # those that need neither protection nor checkpointing (Qwen-Image, Z-Image).
+        if checkpointing or protect or substitutions:
             stats = stack.enter_context(
-                protected_training(checkpoint_units(model, spec), checkpointing, cc.training_substitutions(), protect))
+                protected_training(checkpoint_units(model, spec), checkpointing, substitutions, protect))
         if blocks_to_swap > 0:
             if not supports_block_swap(model, spec):
                 # A UNet's input/output blocks are not called as modules (ComfyUI's forward_timestep_embed
