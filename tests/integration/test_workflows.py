@@ -55,6 +55,11 @@ def stand_ins(comfy, tiny_clip_l, tiny_flux_vae, tiny_video_vae, tiny_hunyuan_vi
         ("vae", "hunyuan_video_vae_bf16.safetensors", tiny_video_vae),
         # Qwen-Image's VAE is Wan 2.1's: the TAEHV stand-in in fp32 is ComfyUI's Wan 2.1 tiny VAE (lighttaew2_1).
         ("vae", "qwen_image_vae.safetensors", tiny_wan_vae),
+        # Only their names are needed: the tests put stand-in loader nodes in place of these (QWEN_STAND_INS).
+        ("diffusion_models", "qwen_image_bf16.safetensors", tiny_hunyuan_video_unet),
+        ("diffusion_models", "z_image_turbo_bf16.safetensors", tiny_hunyuan_video_unet),
+        ("text_encoders", "qwen_2.5_vl_7b_fp8_scaled.safetensors", tiny_clip_l),
+        ("text_encoders", "qwen_3_4b.safetensors", tiny_clip_l),
         ("checkpoints", "sd_xl_base_1.0.safetensors", smallest_sdxl_checkpoint),
         ("checkpoints", "v1-5-pruned-emaonly.safetensors", tiny_sd15_checkpoint),
     ]:
