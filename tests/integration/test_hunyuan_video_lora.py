@@ -1,14 +1,13 @@
 """HunyuanVideo LoRA on a mix of images and video clips (issue 6), block swap through the trainer, and
 the Train LoRA node's auto defaults for HunyuanVideo. ComfyUI's own HunyuanVideo network, tiny and
 random (inprocess_models.tiny_hunyuan_video_patcher)."""
-import importlib
-import sys
-
 import pytest
 import torch
 
+import family_checks as checks
+from family_checks import outputs
 from inprocess_models import tiny_hunyuan_video_patcher
-from test_lora_training import cond_for, lora_modules
+from test_lora_training import cond_for
 
 pytestmark = pytest.mark.integration
 
@@ -19,12 +18,7 @@ MIX = [((16, 1, 8, 8), 3), ((16, 1, 8, 12), 2), ((16, 2, 8, 8), 3), ((16, 3, 8, 
 
 @pytest.fixture(scope="module")
 def dojo(comfy):
-    pack = sys.modules[comfy.pack_module_name()].__name__
-    names = ("nodes.lora_training", "nodes.comfy_model", "nodes.comfy_compat", "nodes.train_lora",
-             "training.protocol", "training.batches", "training.encoded", "training.adapters", "training.loop",
-             "training.timesteps")
-    mods = {name: importlib.import_module(f"{pack}.{name}") for name in names}
-    return type("Dojo", (), {k.split(".")[-1]: v for k, v in mods.items()})
+    return checks.pack(comfy)
 
 
 def mixed_dataset(dojo, seed=0):
@@ -42,41 +36,6 @@ def mixed_dataset(dojo, seed=0):
     return dojo.encoded.EncodedDataset(samples, captions)
 
 
-def groups(data):
-    by_shape = {}
-    for s in data.samples:
-        by_shape.setdefault(tuple(s.latent.shape), []).append(s)
-    return by_shape
-
-
-def fixed_loss(dojo, patcher, data):
-    """Loss of the whole dataset, one batch per latent shape, at fixed noise and timesteps."""
-    dojo.comfy_compat.load_for_compute(patcher)
-    view = dojo.comfy_model.ComfyDenoisingModel(patcher)
-    total, count = 0.0, 0
-    for k, (shape, samples) in enumerate(sorted(groups(data).items())):
-        latents = torch.stack([patcher.model.process_latent_in(s.latent[None])[0] for s in samples])
-        cond = dojo.batches.collate(samples, list(range(len(samples)))).cond
-        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(3 + k))
-        with torch.inference_mode():
-            loss = dojo.loop.diffusion_loss(view, latents, cond, torch.linspace(0.2, 0.8, len(samples)), noise)
-        total, count = total + loss.item() * len(samples), count + len(samples)
-    return total / count
-
-
-def outputs(dojo, patcher):
-    """The model's prediction for a fixed input of every latent shape in MIX."""
-    dojo.comfy_compat.load_for_compute(patcher)
-    view = dojo.comfy_model.ComfyDenoisingModel(patcher)
-    g = torch.Generator().manual_seed(7)
-    result = {}
-    for shape, _ in MIX:
-        x, cond = torch.randn(2, *shape, generator=g), cond_for(dojo, "hunyuan_video", 2, g)
-        with torch.inference_mode():
-            result[shape] = view.predict(x, torch.tensor([0.3, 0.7]), cond)
-    return result
-
-
 def job(dojo, steps, lr=1e-2, **kw):
     return dojo.lora_training.LoraJob(
         adapter=dojo.adapters.AdapterConfig(rank=4, alpha=4),
@@ -87,9 +46,6 @@ def job(dojo, steps, lr=1e-2, **kw):
 
 def test_lora_on_images_and_clips_learns_in_shape_buckets(comfy, dojo, monkeypatch):
     patcher, data = tiny_hunyuan_video_patcher(), mixed_dataset(dojo)
-    base = outputs(dojo, patcher)
-    before_loss = fixed_loss(dojo, patcher, data)
-
     batches, predicted = [], []
     schedule_cls = dojo.lora_training.BatchSchedule
 
@@ -102,41 +58,42 @@ def test_lora_on_images_and_clips_learns_in_shape_buckets(comfy, dojo, monkeypat
     predict = dojo.comfy_model.ComfyDenoisingModel.predict
 
     def recording_predict(self, noisy, t, cond):
-        predicted.append(tuple(noisy.shape))
+        if torch.is_grad_enabled():  # training steps (the checks' losses and outputs run in inference mode)
+            predicted.append(tuple(noisy.shape))
         return predict(self, noisy, t, cond)
 
     monkeypatch.setattr(dojo.lora_training, "BatchSchedule", RecordingSchedule)
     monkeypatch.setattr(dojo.comfy_model.ComfyDenoisingModel, "predict", recording_predict)
-    result = dojo.lora_training.train_lora(patcher, data, job(dojo, steps=40, gradient_checkpointing=True))
+    with checks.base_unchanged(dojo, patcher, data):
+        result = checks.check_learns(dojo, patcher, data, job(dojo, steps=40, gradient_checkpointing=True))
     monkeypatch.undo()
 
-    assert result.steps_done == 40 and not result.cancelled
     # Batches never mix frame counts or sizes; batches of 2 happen; every shape was trained on.
     assert len(batches) == 40 and all(len(set(shapes)) == 1 for shapes in batches)
     assert any(len(shapes) == 2 for shapes in batches)
     assert {shapes[0] for shapes in batches} == {shape for shape, _ in MIX}
     assert [p[0] for p in predicted] == [len(b) for b in batches]
     assert [p[1:] for p in predicted] == [b[0] for b in batches]
-    # The base model is untouched.
-    assert all(torch.equal(v, base[k]) for k, v in outputs(dojo, patcher).items())
+    # Strength 0 through ComfyUI's LoRA path is exactly the base model, for images and clips; the saved
+    # file loads in ComfyUI's LoraLoaderModelOnly with every key and changes every shape's output.
+    checks.check_strength_zero(dojo, patcher, data, result.lora)
+    checks.check_loraloader(comfy, dojo, patcher, data, result.lora, "tests/hunyuan_video_checks")
 
-    with dojo.comfy_compat.capture_lora_warnings() as unloaded:
-        trained, _ = dojo.comfy_compat.apply_lora(patcher, None, result.lora, 1.0, 0.0)
-        zero, _ = dojo.comfy_compat.apply_lora(patcher, None, result.lora, 0.0, 0.0)
-    assert unloaded == [] and len(trained.patches) == lora_modules(result.lora)
-    after_loss = fixed_loss(dojo, trained, data)
-    assert after_loss < 0.85 * before_loss, (before_loss, after_loss, result.losses[:3], result.losses[-3:])
-    changed = outputs(dojo, trained)
-    assert all((changed[k] - base[k]).abs().max() > 1e-4 for k in base)
-    # Strength 0 through ComfyUI's LoRA path is exactly the base model, for images and clips.
-    at_zero = outputs(dojo, zero)
-    assert all(torch.equal(at_zero[k], base[k]) for k in base)
+
+def test_gradients_match_the_float64_reference(comfy, dojo):
+    """One step through Dojo's training region (copy-on-write protection; checkpointing on and off) gives
+    the gradients of the out-of-place float64 reference, block by block."""
+    patcher = tiny_hunyuan_video_patcher()
+    data = mixed_dataset(dojo)
+    small = dojo.encoded.EncodedDataset([s for s in data.samples if s.latent.shape[1] > 1][:2], ["a", "b"])
+    errors = checks.check_gradients(dojo, patcher, small)
+    assert {b for b in errors[True]} >= {"double_blocks.0", "single_blocks.0"}
 
 
 @pytest.mark.parametrize("checkpointing", [True, False])
 def test_block_swap_trains_identically_and_restores_the_model(comfy, dojo, checkpointing):
     data, patcher = mixed_dataset(dojo), tiny_hunyuan_video_patcher()
-    base = outputs(dojo, patcher)
+    base = outputs(dojo, patcher, data)
     # (The first run also turns the loader's inference tensors into normal ones, once, as any run does.)
     plain = dojo.lora_training.train_lora(patcher, data, job(dojo, steps=4, gradient_checkpointing=checkpointing))
     net = patcher.model.diffusion_model
@@ -151,7 +108,7 @@ def test_block_swap_trains_identically_and_restores_the_model(comfy, dojo, check
     assert all(after[n] is t and t.data_ptr() == ptr and t.device == dev for n, (t, ptr, dev) in tensors.items())
     assert all(not b._forward_pre_hooks and not b._forward_hooks and "forward" not in vars(b)
                for b in list(net.double_blocks) + list(net.single_blocks))
-    assert all(torch.equal(v, base[k]) for k, v in outputs(dojo, patcher).items())
+    assert all(torch.equal(v, base[k]) for k, v in outputs(dojo, patcher, data).items())
 
 
 def test_train_node_passes_blocks_to_swap(comfy, dojo, monkeypatch):

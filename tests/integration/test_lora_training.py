@@ -7,13 +7,8 @@ import sys
 import pytest
 import torch
 
+from family_checks import lora_modules
 from inprocess_models import tiny_flux_patcher, tiny_hunyuan_video_patcher, tiny_sd15_patcher
-
-
-def lora_modules(lora) -> int:
-    """How many layers a LoRA file adapts (its down halves; kohya-style files also hold `.alpha`)."""
-    return sum(k.endswith((".lora_down.weight", ".lora_A.weight")) for k in lora)
-
 
 pytestmark = pytest.mark.integration
 
