@@ -1,8 +1,13 @@
 """Qwen-Image and Z-Image as first-class families (issue 18) in real ComfyUI (0.33 and 0.8 both have them),
 with the stand-ins of tiny_qwen.py: ComfyUI's loaders detect the files, the tiny text encoders are
 ComfyUI's own encoder classes, and the training checks run on ComfyUI's own models."""
+import importlib
+import sys
+
 import pytest
 import torch
+
+import family_checks
 
 pytestmark = pytest.mark.integration
 
@@ -59,21 +64,15 @@ def test_tiny_text_encoders_are_comfyuis_own(comfy, family):
     assert long.shape[1] > short.shape[1]
 
 
-# --- the pack over ComfyUI's own tiny models --------------------------------------------------------
-
-import importlib
-import sys
-
+# --- the pack over ComfyUI's own tiny models: issue 18's criterion 1 (family_checks) ----------------
 
 @pytest.fixture(scope="module")
 def dojo(comfy):
-    pack = sys.modules[comfy.pack_module_name()].__name__
-    names = ("nodes.lora_training", "nodes.comfy_model", "nodes.comfy_compat", "nodes.grad_protection",
-             "nodes.train_lora", "training.protocol", "training.batches", "training.encoded", "training.adapters",
-             "training.loop", "training.grad_safety", "training.lora_formats", "training.families",
-             "nodes.dataset_nodes")
-    mods = {name: importlib.import_module(f"{pack}.{name}") for name in names}
-    return type("Dojo", (), {k.split(".")[-1]: v for k, v in mods.items()})
+    d = family_checks.pack(comfy)
+    for name in ("dataset_nodes", "lora_formats"):
+        setattr(d, name, importlib.import_module(f"{sys.modules[comfy.pack_module_name()].__name__}."
+                                                 f"{'nodes' if name == 'dataset_nodes' else 'training'}.{name}"))
+    return d
 
 
 def tiny_patcher(family):
@@ -86,198 +85,80 @@ def latent_shape(family, h=8, w=8):
     return (16, 1, h, w) if family == "qwen_image" else (16, h, w)
 
 
-CAPTIONS = ["a red square", "a red square on green grass", "a blue circle", "the red square again, larger"]
+# Per latent size, captions of one token length (training batches never mix text lengths; the checks
+# batch per latent shape); the two sizes' lengths differ.
+CAPTIONS = {(8, 8): ["a red square", "a blue circle"],
+            (8, 12): ["a red square on green grass", "a blue circle on brown sand"]}
 
 
 def dataset(dojo, family, clip):
     """Four samples: smooth patterned latents of two sizes, conditioned on real encodings of the tiny
-    text encoder (ComfyUI's own: variable lengths, with the attention mask where ComfyUI returns one)."""
-    samples = []
-    for i, caption in enumerate(CAPTIONS):
-        h, w = (8, 8) if i % 2 == 0 else (8, 12)
-        y, x = torch.linspace(-1, 1, h), torch.linspace(-1, 1, w)
-        frame = torch.sin(3 * x + i)[None, :] * torch.cos(2 * y - i)[:, None]
-        channels = (1 + torch.arange(16) / 16).reshape(16, 1, 1) * 2
-        latent = (channels * frame).reshape(latent_shape(family, h, w)).contiguous()
-        out = clip.encode_from_tokens(clip.tokenize(caption), return_dict=True)
-        cond = dojo.dataset_nodes.to_conditioning(out.pop("cond"), out)
-        samples.append(dojo.batches.Sample(latent, cond))
-    return dojo.encoded.EncodedDataset(samples, CAPTIONS)
+    text encoder (ComfyUI's own: the chat template, and the attention mask where ComfyUI returns one)."""
+    samples, captions, lengths = [], [], {}
+    for (h, w), texts in CAPTIONS.items():
+        for i, caption in enumerate(texts):
+            y, x = torch.linspace(-1, 1, h), torch.linspace(-1, 1, w)
+            frame = torch.sin(3 * x + i + w)[None, :] * torch.cos(2 * y - i)[:, None]
+            channels = (1 + torch.arange(16) / 16).reshape(16, 1, 1) * 2
+            latent = (channels * frame).reshape(latent_shape(family, h, w)).contiguous()
+            out = clip.encode_from_tokens(clip.tokenize(caption), return_dict=True)
+            cond = dojo.dataset_nodes.to_conditioning(out.pop("cond"), out)
+            lengths.setdefault((h, w), set()).add(cond.context.shape[1])
+            samples.append(dojo.batches.Sample(latent, cond))
+            captions.append(caption)
+    assert all(len(v) == 1 for v in lengths.values()) and len(set.union(*lengths.values())) == 2, lengths
+    return dojo.encoded.EncodedDataset(samples, captions)
 
 
-def groups(data):
-    by_shape = {}
-    for i, s in enumerate(data.samples):
-        by_shape.setdefault((tuple(s.latent.shape), tuple(s.cond.context.shape)), []).append(i)
-    return by_shape
-
-
-def fixed_loss(dojo, patcher, data):
-    """The dataset's loss at fixed noise and timesteps, one batch per (latent shape, text length)."""
-    dojo.comfy_compat.load_for_compute(patcher)
-    view = dojo.comfy_model.ComfyDenoisingModel(patcher)
-    total = 0.0
-    for k, (_, indices) in enumerate(sorted(groups(data).items())):
-        samples = [data.samples[i] for i in indices]
-        latents = torch.stack([patcher.model.process_latent_in(s.latent[None])[0] for s in samples])
-        cond = dojo.batches.collate(samples, indices).cond
-        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(3 + k))
-        with torch.inference_mode():
-            loss = dojo.loop.diffusion_loss(view, latents, cond, torch.linspace(0.3, 0.7, len(samples)), noise)
-        total += loss.item() * len(samples)
-    return total / len(data.samples)
-
-
-def outputs(dojo, patcher, data):
-    """The model's prediction for a fixed noisy input per sample."""
-    dojo.comfy_compat.load_for_compute(patcher)
-    view = dojo.comfy_model.ComfyDenoisingModel(patcher)
-    g = torch.Generator().manual_seed(7)
-    result = []
-    for s in data.samples:
-        x = torch.randn(1, *s.latent.shape, generator=g)
-        with torch.inference_mode():
-            result.append(view.predict(x, torch.tensor([0.6]), dojo.batches.collate([s], [0]).cond))
-    return result
-
-
-def job(dojo, steps, lr=2e-2, checkpointing=False):
-    return dojo.lora_training.LoraJob(
-        adapter=dojo.adapters.AdapterConfig(rank=4, alpha=4),
-        targets=dojo.protocol.TargetPreset.ATTENTION_MLP,
-        train=dojo.loop.TrainConfig(steps=steps, learning_rate=lr, precision=dojo.loop.Precision.FP32, seed=1),
-        batch_size=2, gradient_checkpointing=checkpointing)
-
-
-def lora_modules(lora) -> int:
-    return sum(k.endswith((".lora_down.weight", ".lora_A.weight")) for k in lora)
+def job(dojo, steps, lr=3e-2):
+    return family_checks.lora_job(dojo, steps, lr=lr, gradient_checkpointing=True)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_training_learns_leaves_the_base_and_loads_in_comfyui(comfy, dojo, family):
-    """Issue 18 criterion 1, training side: the fixed-batch loss drops well below the base's, the base model
-    is bit-identical afterwards, the file loads in ComfyUI's LoRA path (LoraLoaderModelOnly's) with no
-    "lora key not loaded" line and one patched weight per trained module, and strength 0 is the base."""
+    """Issue 18 criterion 1: the fixed-batch loss drops well below the base's, the base model is
+    bit-identical afterwards, strength 0 is exactly the base, and the saved file loads in ComfyUI's
+    LoraLoaderModelOnly with no "lora key not loaded" line."""
     patcher, clip = tiny_patcher(family), tiny_clip(family)
     data = dataset(dojo, family, clip)
-    assert len({s.cond.context.shape[1] for s in data.samples}) > 1   # captions of several lengths
     view = dojo.comfy_model.ComfyDenoisingModel(patcher)
     assert view.spec.family.value == family and not view.spec.generic
-    base = outputs(dojo, patcher, data)
-    before = fixed_loss(dojo, patcher, data)
+    with family_checks.base_unchanged(dojo, patcher, data):
+        result = family_checks.check_learns(dojo, patcher, data, job(dojo, steps=60), factor=0.75)
+    family_checks.check_strength_zero(dojo, patcher, data, result.lora)
+    family_checks.check_loraloader(comfy, dojo, patcher, data, result.lora, f"dojo_test/{family}")
 
-    result = dojo.lora_training.train_lora(patcher, data, job(dojo, steps=60, lr=3e-2, checkpointing=True))
-    assert result.steps_done == 60 and not result.cancelled
-    assert all(torch.equal(a, b) for a, b in zip(outputs(dojo, patcher, data), base))
 
-    modules = view.adaptable_modules(dojo.protocol.TargetPreset.ATTENTION_MLP)
-    with dojo.comfy_compat.capture_lora_warnings() as unloaded:
-        trained, _ = dojo.comfy_compat.apply_lora(patcher, None, result.lora, 1.0, 0.0)
-        zero, _ = dojo.comfy_compat.apply_lora(patcher, None, result.lora, 0.0, 0.0)
-    assert unloaded == []
-    assert len(trained.patches) == len(modules)
-    after = fixed_loss(dojo, trained, data)
-    assert after < 0.75 * before, (before, after, result.losses[:3], result.losses[-3:])
-    assert all(torch.equal(a, b) for a, b in zip(outputs(dojo, zero, data), base))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gradients_equal_the_out_of_place_float64_reference(comfy, dojo, family):
+    patcher = tiny_patcher(family)
+    data = dataset(dojo, family, tiny_clip(family))
+    with family_checks.base_unchanged(dojo, patcher, data):
+        report = family_checks.check_gradients(dojo, patcher, data)
+    blocks = {b for errors in report.values() for b in errors}
+    assert len(blocks) == len(dojo.grad_protection.transformer_blocks(patcher, spec=dojo.families.spec(family)))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_lora_keys_load_on_the_detectable_models(comfy, dojo, detectable_unets, family):
     """The file layout on the models UNETLoader returns for the detectable files, every block preset:
-    ComfyUI maps every key (no "lora key not loaded") and patches one weight per module."""
+    ComfyUI maps every key (no "lora key not loaded") and patches one weight per module; Dojo reads its
+    own file back into the same factors (continue_from)."""
     model = load_unet(comfy, detectable_unets[family])
     view = dojo.comfy_model.ComfyDenoisingModel(model)
     assert view.spec.family.value == family
     for preset in dojo.protocol.TargetPreset:
         modules = view.adaptable_modules(preset)
         assert modules
-        factors = {n: (torch.zeros(2, m.in_features), torch.zeros(m.out_features, 2)) for n, m in modules.items()}
+        factors = {n: (torch.randn(2, m.in_features) * 1e-3, torch.randn(m.out_features, 2) * 1e-3)
+                   for n, m in modules.items()}
         lora = dojo.lora_formats.lora_state_dict(view.spec, factors)
         with dojo.comfy_compat.capture_lora_warnings() as unloaded:
             patched, _ = dojo.comfy_compat.apply_lora(model, None, lora, 1.0, 0.0)
         assert unloaded == [] and len(patched.patches) == len(modules), preset
-        # And back: Dojo reads its own file into the same factors (continue_from).
         back = dojo.lora_formats.factors_from_state_dict(view.spec, lora, list(modules))
         assert back.keys() == factors.keys()
-        assert all(back[n][0].shape == f[0].shape and back[n][1].shape == f[1].shape for n, f in factors.items())
-
-
-# --- gradients: one step against an out-of-place float64 reference ---------------------------------
-
-class HookLora:
-    """x @ A @ B added to the output of every target linear (float64, through forward hooks)."""
-
-    def __init__(self, modules: dict, seed=0, rank=2):
-        g = torch.Generator().manual_seed(seed)
-        self.params, self.handles = {}, []
-        for name, module in modules.items():
-            a = (torch.randn(module.in_features, rank, generator=g, dtype=torch.float64) * 0.3).requires_grad_()
-            b = (torch.randn(rank, module.out_features, generator=g, dtype=torch.float64) * 0.3).requires_grad_()
-            self.params[name] = (a, b)
-            self.handles.append(module.register_forward_hook(lambda m, inp, out, a=a, b=b: out + (inp[0] @ a) @ b))
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
-
-
-def forward_inputs(family, clip, batch=2):
-    g = torch.Generator().manual_seed(5)
-    x = torch.randn(batch, *latent_shape(family), generator=g, dtype=torch.float64)
-    out = clip.encode_from_tokens(clip.tokenize("a red square on green grass"), return_dict=True)
-    context = out["cond"].to(torch.float64).repeat(batch, 1, 1)
-    kwargs = {} if family == "qwen_image" else {"num_tokens": context.shape[1]}
-    return x, torch.tensor([0.3, 0.8], dtype=torch.float64), context, kwargs
-
-
-def block_of(name: str) -> str:
-    return ".".join(name.split(".")[:2])
-
-
-def lora_grads(net, lora, inputs, region):
-    for a, b in lora.params.values():
-        a.grad = b.grad = None
-    x, t, context, kwargs = inputs
-    with torch.inference_mode(False), torch.enable_grad(), region:
-        loss = (net(x, t, context, **kwargs) ** 2).mean()
-        loss.backward()
-    grads = {}
-    for name, (a, b) in lora.params.items():
-        # (Qwen-Image's last block: its text-stream output is discarded, so its text MLP gets no gradient.)
-        grads.setdefault(block_of(name), []).extend(
-            [torch.zeros(p.numel(), dtype=p.dtype) if p.grad is None else p.grad.flatten() for p in (a, b)])
-    return {block: torch.cat(g) for block, g in grads.items()}
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_gradients_equal_the_out_of_place_float64_reference(comfy, dojo, family):
-    """One step's LoRA gradients through ComfyUI's own blocks in Dojo's training region, with
-    checkpointing on and off, equal the reference where every tensor autograd saves is copied when saved
-    (out-of-place semantics whatever the blocks do in place), per block: relative error < 1e-4."""
-    patcher, clip = tiny_patcher(family), tiny_clip(family)
-    view = dojo.comfy_model.ComfyDenoisingModel(patcher)
-    net = view.diffusion_model
-    dojo.comfy_compat.materialize_inference_tensors(net)
-    net.double()
-    modules = view.adaptable_modules(dojo.protocol.TargetPreset.ALL_LINEAR)
-    lora = HookLora(modules)
-    inputs = forward_inputs(family, clip)
-    cc, safety = dojo.comfy_compat, dojo.grad_safety
-    try:
-        import contextlib
-        reference_region = contextlib.ExitStack()
-        reference_region.enter_context(cc.comfy_training_mode())
-        reference_region.enter_context(safety.clone_all_saved_tensors(cc.rope_substitutions()))
-        reference = lora_grads(net, lora, inputs, reference_region)
-        blocks = {block_of(n) for n in modules}
-        assert set(reference) == blocks and len(blocks) == len(dojo.grad_protection.transformer_blocks(net, view.spec))
-        assert all(g.abs().max() > 0 for g in reference.values())
-        for checkpointing in (False, True):
-            got = lora_grads(net, lora, inputs, dojo.grad_protection.training_region(net, checkpointing, spec=view.spec))
-            errors = {b: ((got[b] - reference[b]).abs().max() / reference[b].abs().max()).item() for b in reference}
-            assert max(errors.values()) < 1e-4, (checkpointing, errors)
-    finally:
-        lora.remove()
+        assert all(torch.equal(back[n][0], f[0]) and torch.equal(back[n][1], f[1]) for n, f in factors.items())
 
 
 # --- diffusers: the file loads in QwenImagePipeline / ZImagePipeline with the same output change ---------
