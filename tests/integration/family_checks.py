@@ -142,7 +142,8 @@ def base_unchanged(dojo, patcher, data):
     changed = [k for k, v in before_state.items()
                if v.dtype != after_state[k].dtype or not torch.equal(v, after_state[k])]
     assert changed == [], f"{len(changed)} base tensors changed, e.g. {changed[:3]}"
-    assert after_modules == modules and after_flags == flags
+    assert after_modules == modules, [n for n in modules if after_modules.get(n) is not modules[n]][:3]
+    assert after_flags == flags, [(n, flags[n], after_flags.get(n)) for n in flags if after_flags.get(n) != flags[n]][:3]
 
 
 # --- (c) gradients ----------------------------------------------------------------------------------
