@@ -574,8 +574,8 @@ def hunyuan_lora(comfy, clips: bool) -> Workflow:
 # ------------------------------------------------------------------------------ Qwen-Image, Z-Image
 
 QWEN_FAMILIES = {
-    # name: (family label, diffusion model, text encoder, CLIPLoader type, VAE, dataset folder, trigger,
-    #        recipe, sampling)
+    # Per workflow: the model files and loader type, the dataset folder and trigger word, the recipe and
+    # ComfyUI's own sampling settings for the family (its templates').
     "dojo_qwen_image_lora": dict(
         label="Qwen-Image", unet="qwen_image_bf16.safetensors", te="qwen_2.5_vl_7b_fp8_scaled.safetensors",
         te_type="qwen_image", vae="qwen_image_vae.safetensors", folder="qwen_image_style", trigger="qwnstyle",

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import family_checks
+from test_lora_diffusers_roundtrip import from_comfy_key_map, run_roundtrip
 
 pytestmark = pytest.mark.integration
 
@@ -163,19 +164,6 @@ def test_lora_keys_load_on_the_detectable_models(comfy, dojo, detectable_unets, 
 
 # --- diffusers: the file loads in QwenImagePipeline / ZImagePipeline with the same output change ---------
 
-def _from_key_map(comfy_sd, key_map):
-    """ComfyUI's `*_to_diffusers` map (diffusers key -> ComfyUI key, or (key, (dim, start, length))) applied."""
-    out = {}
-    for diffusers_key, source in key_map.items():
-        if isinstance(source, str):
-            if source in comfy_sd:
-                out[diffusers_key] = comfy_sd[source]
-        elif source[0] in comfy_sd:
-            dim, start, length = source[1]
-            out[diffusers_key] = comfy_sd[source[0]].narrow(dim, start, length)
-    return out
-
-
 class QwenImageDiffusers:
     """ComfyUI's Qwen-Image modules carry diffusers' names: the state dict loads as it is."""
     name = "qwen_image"
@@ -244,7 +232,7 @@ class ZImageDiffusers:
             n_kv_heads=c["n_kv_heads"], cap_feat_dim=c["cap_feat_dim"], axes_dims=c["axes_dims"],
             axes_lens=c["axes_lens"], rope_theta=c["rope_theta"])
         key_map = comfy.utils.z_image_to_diffusers(dict(c), output_prefix="")
-        return model, _from_key_map(dict(patcher.model.diffusion_model.state_dict()), key_map)
+        return model, from_comfy_key_map(dict(patcher.model.diffusion_model.state_dict()), key_map)
 
     @staticmethod
     def inputs(batch=2):
@@ -272,7 +260,6 @@ class ZImageDiffusers:
 @pytest.mark.parametrize("preset", ["attention", "attention_mlp", "all_linear"])
 @pytest.mark.parametrize("family", [QwenImageDiffusers, ZImageDiffusers], ids=FAMILIES)
 def test_lora_loads_in_diffusers_with_the_same_change(comfy, dojo, tmp_path, family, preset):
-    from test_lora_diffusers_roundtrip import run_roundtrip
     modules = run_roundtrip(dojo, family, preset, tmp_path)
     if family is ZImageDiffusers:
         assert any(n.endswith("attention.qkv") for n in modules)   # the fused qkv, split in the file
