@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+import family_checks
 from family_checks import lora_modules
 from inprocess_models import tiny_flux_patcher, tiny_hunyuan_video_patcher, tiny_sd15_patcher
 
@@ -172,6 +173,14 @@ def test_flow_families_train_at_guidance_one_unless_the_conditioning_says_otherw
     with torch.inference_mode():
         default, one, sampling_default = predict({}), predict({"guidance": 1.0}), predict({"guidance": 3.5})
     assert torch.equal(default, one) and not torch.equal(default, sampling_default)
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "flux"])
+def test_gradients_match_the_float64_reference(comfy, family):
+    """One step through Dojo's training region, checkpointing off and on, gives the out-of-place float64
+    reference's LoRA gradients block by block (HunyuanVideo: test_hunyuan_video_lora.py)."""
+    pack = family_checks.pack(comfy)
+    family_checks.check_gradients(pack, FAMILIES[family][0](), encoded(pack, family, n=2))
 
 
 @pytest.mark.parametrize("family", ["sd15", "flux"])

@@ -161,13 +161,16 @@ _BY_CONFIG: dict[str, FamilySpec] = {}
 
 
 def register(spec: FamilySpec) -> FamilySpec:
+    """Add a family to the registry (its module does this on import); refused whole, changing nothing,
+    when the family or one of its ComfyUI configs is taken."""
     if spec.family in _REGISTRY:
         raise ValueError(f"family {spec.family.value} registered twice")
-    _REGISTRY[spec.family] = spec
     for name in spec.comfy_configs:
         if name in _BY_CONFIG:
-            raise ValueError(f"ComfyUI config {name} claimed by {_BY_CONFIG[name].family.value} and {spec.family.value}")
-        _BY_CONFIG[name] = spec
+            raise ValueError(f"ComfyUI config {name} claimed by {_BY_CONFIG[name].family.value} and "
+                             f"{spec.family.value}")
+    _REGISTRY[spec.family] = spec
+    _BY_CONFIG.update({name: spec for name in spec.comfy_configs})
     return spec
 
 
