@@ -207,13 +207,22 @@ def check_latents_fit(model_patcher, family: FamilyLike, latent: torch.Tensor) -
     spec = families.as_spec(family)
     want = model_patcher.model.latent_format.latent_channels
     video = spec.video
-    want_dims = 4 if video else 3   # [C, T, H, W] for video models, [C, H, W] for image models
+    # [C, T, H, W] where the model's latents have a time axis (video models; also Qwen-Image, whose Wan 2.1
+    # VAE gives a still image one), [C, H, W] for image models: ComfyUI's latent format says which.
+    want_dims = 1 + latent_dimensions(model_patcher, spec)
     if latent.shape[0] == want and latent.ndim == want_dims:
         return
     made = f"a {latent.shape[0]}-channel {'video' if latent.ndim == 4 else 'image'} VAE"
     raise ValueError(f"these latents come from {made}; this {spec.label} model needs "
                      f"its own {want}-channel {'video ' if video else ''}VAE: encode the dataset (Dojo Encode Dataset) "
                      "with the VAE that belongs to the model you train")
+
+
+def latent_dimensions(model_patcher, spec: FamilySpec) -> int:
+    """2 for image latents [C, H, W], 3 for latents with a time axis [C, T, H, W]: the model's latent format
+    (ComfyUI's `latent_dimensions`), else the family's."""
+    dims = getattr(model_patcher.model.latent_format, "latent_dimensions", None)
+    return dims if dims in (2, 3) else (3 if spec.video else 2)
 
 
 def process_latent_in(model_patcher, latent: torch.Tensor) -> torch.Tensor:
@@ -706,8 +715,8 @@ def empty_latent(model_patcher, width: int, height: int, frames: int = 1,
     spec = spec or model_spec(model_patcher)
     channels = model_patcher.get_model_object("latent_format").latent_channels
     scale = spec.vae_scale
-    if spec.video:
-        return torch.zeros([1, channels, (max(1, frames) - 1) // spec.vae_time_scale + 1, height // scale,
+    if spec.video or latent_dimensions(model_patcher, spec) == 3:
+        return torch.zeros([1, channels, (max(1, frames) - 1) // max(1, spec.vae_time_scale) + 1, height // scale,
                             width // scale])
     return torch.zeros([1, channels, height // scale, width // scale])
 

@@ -35,6 +35,7 @@ def factors_from_state_dict(family: FamilyLike, state: dict[str, torch.Tensor], 
     layout = as_spec(family).lora_layout
     if layout.needs_diffusers_names and diffusers_names is None:
         raise ValueError("SD UNet LoRAs need the diffusers name of each module")
+    state = layout.join_fused(state, module_names, diffusers_names)
     return factors_from_keys(state, {name: list(layout.keys(name, diffusers_names)) for name in module_names})
 
 

@@ -66,6 +66,16 @@ MODELS = {
                                                "text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors", "text_encoders"),
     "wan_2.1_vae.safetensors": (HF + "Comfy-Org/Wan_2.2_ComfyUI_Repackaged/resolve/main/split_files/vae/"
                                 "wan_2.1_vae.safetensors", "vae"),
+    "qwen_image_bf16.safetensors": (HF + "Comfy-Org/Qwen-Image_ComfyUI/resolve/main/split_files/diffusion_models/"
+                                    "qwen_image_bf16.safetensors", "diffusion_models"),
+    "qwen_2.5_vl_7b_fp8_scaled.safetensors": (HF + "Comfy-Org/Qwen-Image_ComfyUI/resolve/main/split_files/"
+                                              "text_encoders/qwen_2.5_vl_7b_fp8_scaled.safetensors", "text_encoders"),
+    "qwen_image_vae.safetensors": (HF + "Comfy-Org/Qwen-Image_ComfyUI/resolve/main/split_files/vae/"
+                                   "qwen_image_vae.safetensors", "vae"),
+    "z_image_turbo_bf16.safetensors": (HF + "Comfy-Org/z_image_turbo/resolve/main/split_files/diffusion_models/"
+                                       "z_image_turbo_bf16.safetensors", "diffusion_models"),
+    "qwen_3_4b.safetensors": (HF + "Comfy-Org/z_image_turbo/resolve/main/split_files/text_encoders/"
+                              "qwen_3_4b.safetensors", "text_encoders"),
 }
 
 
@@ -751,6 +761,103 @@ def wan_images(comfy) -> Workflow:
     return w
 
 
+# ------------------------------------------------------------------------------ Qwen-Image, Z-Image
+
+QWEN_FAMILIES = {
+    # Per workflow: the model files and loader type, the dataset folder and trigger word, the recipe and
+    # ComfyUI's own sampling settings for the family (its templates').
+    "dojo_qwen_image_lora": dict(
+        label="Qwen-Image", unet="qwen_image_bf16.safetensors", te="qwen_2.5_vl_7b_fp8_scaled.safetensors",
+        te_type="qwen_image", vae="qwen_image_vae.safetensors", folder="qwen_image_style", trigger="qwnstyle",
+        memory="Training needs the bf16 model (20 B parameters, 41 GB): a 48 GB GPU, or blocks_to_swap on "
+               "Train LoRA to stream blocks from system memory (64 GB+ RAM). The fp8 text encoder only "
+               "encodes the captions once.",
+        recipe="The Qwen-Image recipe (musubi-tuner's): rank 16, learning rate 5e-5, 1200 steps, AdamW, batch 1, "
+               "bf16 autocast, gradient checkpointing. Flow-matching objective; 'auto' timesteps sample with "
+               "the model's own shift. Training adapts attention + MLP of every transformer block ('auto').",
+        train=dict(steps=1200, rank=16, learning_rate=5e-5),
+        sampling="Sampling is Qwen-Image as in ComfyUI's template: ModelSamplingAuraFlow shift 3.1, cfg 2.5, "
+                 "euler / simple, 20 steps, 1328 x 1328.",
+        shift=3.1, steps=20, cfg=2.5, sampler="euler", size=1328, negative=" ",
+        prompt="qwnstyle, a lighthouse on a rocky coast at dawn, gulls over the waves"),
+    "dojo_z_image_lora": dict(
+        label="Z-Image Turbo", unet="z_image_turbo_bf16.safetensors", te="qwen_3_4b.safetensors",
+        te_type="lumina2", vae="ae.safetensors", folder="z_image_subject", trigger="zmgsubject",
+        memory="Training needs the bf16 model (6 B parameters, 12 GB): ~24 GB of GPU memory at rank 16 with "
+               "gradient checkpointing (on by default).",
+        recipe="The Z-Image recipe (ai-toolkit's): rank 16, learning rate 1e-4, 1000 steps, AdamW, batch 1, "
+               "bf16 autocast, gradient checkpointing. Flow-matching objective; 'auto' timesteps sample with "
+               "the model's shift 3. Training adapts attention + MLP of every block, the refiners included.\n\n"
+               "Z-Image Turbo is step-distilled: a LoRA trained straight on it works at low step counts but "
+               "slowly wears the distillation away on long runs; keep runs short or lower the learning rate.",
+        train=dict(steps=1000, rank=16, learning_rate=1e-4),
+        sampling="Sampling is Z-Image Turbo as in ComfyUI's template: ModelSamplingAuraFlow shift 3, cfg 1 "
+                 "(distilled, the negative is unused), res_multistep / simple, 9 steps, 1024 x 1024.",
+        shift=3.0, steps=9, cfg=1.0, sampler="res_multistep", size=1024, negative="",
+        prompt="zmgsubject, portrait photo in a sunlit greenhouse, shallow depth of field"),
+}
+
+
+def qwen_family_lora(comfy, name: str) -> Workflow:
+    f = QWEN_FAMILIES[name]
+    run = name.replace("dojo_", "")
+    w = Workflow(comfy, name)
+    w.group(f"Step 1 - Load {f['label']}")
+    w.note(f"{f['label']} LoRA from captioned images.\n\n"
+           "Models (ComfyUI's repackaged files):\n"
+           f"- models/diffusion_models/{f['unet']}\n"
+           f"- models/text_encoders/{f['te']}\n"
+           f"- models/vae/{f['vae']}\n\n" + f["memory"], title="Read me")
+    unet = w.add("UNETLoader", node_width=340, unet_name=f["unet"], weight_dtype="default")
+    clip = w.add("CLIPLoader", node_width=340, clip_name=f["te"], type=f["te_type"], device="default")
+    vae = w.add("VAELoader", node_width=340, vae_name=f["vae"])
+    enc = dataset_group(
+        w, vae, clip,
+        f"Put 10-40 images in ComfyUI/input/{f['folder']}, each with a .txt caption of the same name. The "
+        f"trigger word ({f['trigger']}) goes in front of every caption, or where a caption says [trigger].\n\n"
+        "Dojo Encode Dataset encodes every image once with the VAE and every caption once with the text "
+        "encoder (its chat template and attention mask, as in sampling); captions of different lengths "
+        "train in separate batches, never padded together.",
+        folder=f["folder"], trigger_word=f["trigger"], resolution=1024, min_side=512, max_side=1536)
+    trainer = train_group(
+        w, unet, enc,
+        f["recipe"] + "\n\nEvery 250 steps the node previews the Step 4 prompt. Cancel keeps a checkpoint in "
+        "output/dojo_checkpoints/<run_name>; resume_from continues it.",
+        dict(f["train"], precision="bf16", checkpoint_every=250, seed=42), run)
+    w.group("Step 4 - Try it: apply and sample")
+    w.note("Dojo Apply LoRA patches a copy of the model (the loaded one is untouched): strength_model is the "
+           "slider, 1.0 as trained, 0 = off.\n\n" + f["sampling"], title="Apply and sample")
+    apply = w.add("DojoApplyLoRA", strength_model=1.0, strength_clip=1.0)
+    w.link(unet, "MODEL", apply, "model")
+    w.link(trainer, "lora", apply, "lora")
+    shift = w.add("ModelSamplingAuraFlow", shift=f["shift"])
+    w.link(apply, "model", shift, "model")
+    pos = w.add("CLIPTextEncode", node_width=380, text=f["prompt"])
+    w.link(clip, "CLIP", pos, "clip")
+    if f["cfg"] == 1.0:
+        neg = w.add("ConditioningZeroOut", title="Negative (unused at cfg 1)")
+        w.link(pos, "CONDITIONING", neg, "conditioning")
+    else:
+        neg = w.add("CLIPTextEncode", node_width=380, title="Negative", text=f["negative"])
+        w.link(clip, "CLIP", neg, "clip")
+    preview(w, trainer, pos, neg, vae)
+    w.column()
+    latent = w.add("EmptySD3LatentImage", width=f["size"], height=f["size"], batch_size=1)
+    sampler = w.add("KSampler", seed=42, steps=f["steps"], cfg=f["cfg"], sampler_name=f["sampler"],
+                    scheduler="simple", denoise=1.0)
+    w.link(shift, "MODEL", sampler, "model")
+    w.link(pos, "CONDITIONING", sampler, "positive")
+    w.link(neg, "CONDITIONING", sampler, "negative")
+    w.link(latent, "LATENT", sampler, "latent_image")
+    decode = w.add("VAEDecode")
+    w.link(sampler, "LATENT", decode, "samples")
+    w.link(vae, "VAE", decode, "vae")
+    image = w.add("SaveImage", node_width=400, filename_prefix="dojo/" + run)
+    w.link(decode, "IMAGE", image, "images")
+    save_group(w, trainer, "dojo/" + run, f["trigger"], f["unet"], "bf16")
+    return w
+
+
 WORKFLOWS = {
     "dojo_flux_lora_trigger_word": flux_lora,
     "dojo_sdxl_lora_captions": sdxl_lora,
@@ -760,6 +867,8 @@ WORKFLOWS = {
     "dojo_hunyuan_video_lora_clips": lambda c: hunyuan_lora(c, clips=True),
     "dojo_wan22_video_lora_clips": wan22_a14b_clips,
     "dojo_wan_lora_images": wan_images,
+    "dojo_qwen_image_lora": lambda c: qwen_family_lora(c, "dojo_qwen_image_lora"),
+    "dojo_z_image_lora": lambda c: qwen_family_lora(c, "dojo_z_image_lora"),
 }
 
 
@@ -810,7 +919,9 @@ def workflow_title(name: str) -> str:
             "dojo_hunyuan_video_lora_images": "Dojo: HunyuanVideo LoRA from captioned images",
             "dojo_hunyuan_video_lora_clips": "Dojo: HunyuanVideo LoRA from video clips",
             "dojo_wan22_video_lora_clips": "Dojo: Wan 2.2 A14B video LoRA (both experts) from clips",
-            "dojo_wan_lora_images": "Dojo: Wan 2.1 / 2.2 LoRA from captioned images"}[name]
+            "dojo_wan_lora_images": "Dojo: Wan 2.1 / 2.2 LoRA from captioned images",
+            "dojo_qwen_image_lora": "Dojo: Qwen-Image LoRA from captioned images",
+            "dojo_z_image_lora": "Dojo: Z-Image Turbo LoRA from captioned images"}[name]
 
 
 def main():

@@ -44,6 +44,12 @@ def lora_modules(lora) -> int:
     return sum(k.endswith((".lora_down.weight", ".lora_A.weight")) for k in lora)
 
 
+def patch_count(patcher) -> int:
+    """How many LoRA patches ComfyUI holds: one per module of the file (a file that splits a fused layer,
+    Z-Image's to_q / to_k / to_v on ComfyUI's qkv, puts several patches on one weight)."""
+    return sum(len(p) for p in patcher.patches.values())
+
+
 def lora_job(dojo, steps: int, lr: float = 1e-2, rank: int = 4, **kw):
     """A plain fp32 LoRA job on every linear of the family's blocks, batch 2."""
     return dojo.lora_training.LoraJob(
@@ -110,7 +116,7 @@ def check_learns(dojo, patcher, data, job, factor: float = 0.85):
     with dojo.comfy_compat.capture_lora_warnings() as unloaded:
         trained, _ = dojo.comfy_compat.apply_lora(patcher, None, result.lora, 1.0, 0.0)
     assert unloaded == [], unloaded[:3]
-    assert len(trained.patches) == lora_modules(result.lora) > 0
+    assert patch_count(trained) == lora_modules(result.lora) > 0
     after = fixed_loss(dojo, trained, data)
     assert after < factor * before, (before, after, result.losses[:3], result.losses[-3:])
     return result
@@ -139,7 +145,8 @@ def base_unchanged(dojo, patcher, data):
     changed = [k for k, v in before_state.items()
                if v.dtype != after_state[k].dtype or not torch.equal(v, after_state[k])]
     assert changed == [], f"{len(changed)} base tensors changed, e.g. {changed[:3]}"
-    assert after_modules == modules and after_flags == flags
+    assert after_modules == modules, [n for n in modules if after_modules.get(n) is not modules[n]][:3]
+    assert after_flags == flags, [(n, flags[n], after_flags.get(n)) for n in flags if after_flags.get(n) != flags[n]][:3]
 
 
 # --- (c) gradients ----------------------------------------------------------------------------------
@@ -186,7 +193,10 @@ def _step_gradients(dojo, patcher, data, factors, region, precision, preset, see
                 for _, latents, cond, t, noise in _batches(dojo, view.patcher, data, seed):
                     loss = loss + dojo.loop.diffusion_loss(view, latents, cond, t, noise)
                 loss.backward()
-            grads = {name: p.grad.detach().double().clone() for name, p in adapter.named_parameters()}
+            # A layer whose output reaches no loss has no gradient (Qwen-Image's last block: its text stream
+            # is discarded, so its text MLP gets none): zero (see `dead` in check_gradients).
+            grads = {name: torch.zeros(p.shape, dtype=torch.float64) if p.grad is None
+                     else p.grad.detach().double().clone() for name, p in adapter.named_parameters()}
         finally:
             adapter.detach()
     return grads, view.spec
@@ -243,7 +253,11 @@ def check_gradients(dojo, patcher, data, *, reference_patcher=None, tolerance: f
     ref, spec = _step_gradients(dojo, reference_patcher, data, {n: (d.double(), u.double()) for n, (d, u) in
                                                                  factors.items()},
                                 reference_region, torch.float64, preset, seed)
-    assert len(ref) >= 4 and all(g.abs().max() > 0 for g in ref.values()), "the reference has zero gradients"
+    # A layer whose output reaches the loss only through a stream the model discards (Qwen-Image's last
+    # block: its text queries and text output projection) gets exactly zero gradient; Dojo must give it
+    # exactly zero too. Anything beyond a few such layers means the check compares nothing.
+    dead = [n for n, g in ref.items() if not g.abs().max() > 0]
+    assert len(ref) >= 4 and len(dead) <= len(ref) // 4, ("the reference has zero gradients", dead[:6])
     report = {}
     for gc in checkpointing:
         got, _ = _step_gradients(
@@ -251,6 +265,7 @@ def check_gradients(dojo, patcher, data, *, reference_patcher=None, tolerance: f
             lambda v, gc=gc: protection.training_region(v.patcher, gc, 0, cc.compute_device(v.patcher), v.spec),
             torch.float32, preset, seed)
         assert got.keys() == ref.keys()
+        assert all(not got[n].abs().max() > 0 for n in dead), [n for n in dead if got[n].abs().max() > 0]
         errors = per_block_errors(got, ref, spec)
         assert len(errors) >= 2, errors
         worst = max(errors, key=errors.get)
@@ -287,7 +302,7 @@ def check_loraloader(comfy, dojo, patcher, data, lora, prefix: str, min_change: 
     with dojo.comfy_compat.capture_lora_warnings() as unloaded:
         loaded = getattr(loader, loader.FUNCTION)(patcher, name, 1.0)[0]
     assert unloaded == [], unloaded[:3]
-    assert len(loaded.patches) == lora_modules(lora) > 0
+    assert patch_count(loaded) == lora_modules(lora) > 0
     base, changed = outputs(dojo, patcher, data), outputs(dojo, loaded, data)
     for shape in base:
         assert (changed[shape] - base[shape]).abs().max() > min_change, f"the file changes nothing for {shape}"

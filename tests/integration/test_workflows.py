@@ -23,7 +23,8 @@ WORKFLOWS = sorted(p.stem for p in WORKFLOW_DIR.glob("*.json"))
 EXPECTED = {"dojo_flux_lora_trigger_word", "dojo_sdxl_lora_captions", "dojo_sdxl_pivotal_tuning",
             "dojo_sd15_textual_inversion",
             "dojo_hunyuan_video_lora_images", "dojo_hunyuan_video_lora_clips",
-            "dojo_wan22_video_lora_clips", "dojo_wan_lora_images"}
+            "dojo_wan22_video_lora_clips", "dojo_wan_lora_images",
+            "dojo_qwen_image_lora", "dojo_z_image_lora"}
 
 
 def load(name) -> dict:
@@ -44,6 +45,8 @@ def stand_ins(comfy, tiny_clip_l, tiny_flux_vae, tiny_video_vae, tiny_hunyuan_vi
     flux = tiny_files.provide_detectable_flux(base) if flux_ok else tiny_hunyuan_video_unet
     import tiny_wan
     wan21, wan_vae = tiny_wan.provide_wan21(base), tiny_wan.provide_wan21_vae(base)
+    import tiny_qwen
+    tiny_wan_vae = tiny_qwen.provide_wan21_taehv(base)
     for folder, real, tiny in [
         ("diffusion_models", "flux1-dev.safetensors", flux),  # a name only where Flux is not detectable small
         ("diffusion_models", "hunyuan_video_t2v_720p_bf16.safetensors", tiny_hunyuan_video_unet),
@@ -53,6 +56,13 @@ def stand_ins(comfy, tiny_clip_l, tiny_flux_vae, tiny_video_vae, tiny_hunyuan_vi
         ("text_encoders", "llava_llama3_fp8_scaled.safetensors", tiny_clip_l),
         ("vae", "ae.safetensors", tiny_flux_vae),
         ("vae", "hunyuan_video_vae_bf16.safetensors", tiny_video_vae),
+        # Qwen-Image's VAE is Wan 2.1's: the TAEHV stand-in in fp32 is ComfyUI's Wan 2.1 tiny VAE (lighttaew2_1).
+        ("vae", "qwen_image_vae.safetensors", tiny_wan_vae),
+        # Only their names are needed: the tests put stand-in loader nodes in place of these (QWEN_STAND_INS).
+        ("diffusion_models", "qwen_image_bf16.safetensors", tiny_hunyuan_video_unet),
+        ("diffusion_models", "z_image_turbo_bf16.safetensors", tiny_hunyuan_video_unet),
+        ("text_encoders", "qwen_2.5_vl_7b_fp8_scaled.safetensors", tiny_clip_l),
+        ("text_encoders", "qwen_3_4b.safetensors", tiny_clip_l),
         ("checkpoints", "sd_xl_base_1.0.safetensors", smallest_sdxl_checkpoint),
         ("checkpoints", "v1-5-pruned-emaonly.safetensors", tiny_sd15_checkpoint),
         ("diffusion_models", "wan2.2_t2v_high_noise_14B_fp16.safetensors", wan21),
@@ -81,6 +91,12 @@ def stand_ins(comfy, tiny_clip_l, tiny_flux_vae, tiny_video_vae, tiny_hunyuan_vi
         video(clips / "walk.mp4", 10, (64, 64), "a grey square fading in")
         video(clips / "turn.mp4", 9, (64, 64), "[trigger] brightening")
     tiny_wan.register_tiny_umt5_node(comfy)
+    for folder, colours in (("qwen_image_style", [(200, 60, 40), (40, 160, 200)]),
+                            ("z_image_subject", [(120, 90, 60), (60, 90, 120)])):
+        captioned = fresh_folder(comfy, folder)
+        image(captioned / "a.png", (64, 64), colours[0], "[trigger] a flat square")
+        image(captioned / "b.png", (64, 64), colours[1], "a second square, painted in another colour entirely")
+    tiny_qwen.register_stand_in_loaders()
     cats = fresh_folder(comfy, "my_cat")
     for i, colour in enumerate([(90, 60, 30), (120, 80, 40)]):
         image(cats / f"cat{i}.png", (64, 64), colour)
@@ -263,7 +279,21 @@ def to_test_prompt(comfy, wf: dict) -> dict:
             for key in ("start_at_step", "end_at_step"):
                 if node["inputs"][key] == 10:
                     node["inputs"][key] = 2
+        family = QWEN_STAND_INS.get((node["class_type"], node["inputs"].get("unet_name", node["inputs"].get("clip_name"))))
+        if family is not None:
+            # Substitution: ComfyUI builds Qwen2.5-VL-7B / Qwen3-4B from fixed configs whatever the file (7-8 B
+            # params), and the smallest Qwen-Image file UNETLoader detects takes 3584-wide text. The stand-ins
+            # are ComfyUI's own encoder classes and models with tiny configs (tiny_qwen.py), from test nodes;
+            # UNETLoader's detection of the files is tested in test_qwen_zimage_lora.py.
+            loader = "TinyQwenModelLoader" if node["class_type"] == "UNETLoader" else "TinyQwenCLIPLoader"
+            node["class_type"], node["inputs"] = loader, {"family": family}
     return prompt
+
+
+QWEN_STAND_INS = {("UNETLoader", "qwen_image_bf16.safetensors"): "qwen_image",
+                  ("CLIPLoader", "qwen_2.5_vl_7b_fp8_scaled.safetensors"): "qwen_image",
+                  ("UNETLoader", "z_image_turbo_bf16.safetensors"): "z_image",
+                  ("CLIPLoader", "qwen_3_4b.safetensors"): "z_image"}
 
 
 def run_workflow(comfy, name) -> tuple[dict, dict]:
@@ -427,3 +457,13 @@ def test_comfyui_serves_the_workflows_as_the_packs_templates(comfy, tmp_path):
             assert json.load(r) == load(name)
         with urllib.request.urlopen(f"{server.url}/api/workflow_templates/{PACK_DIR_NAME}/{name}.jpg", timeout=10) as r:
             assert r.read()[:2] == b"\xff\xd8"
+
+
+@pytest.mark.parametrize("name,trigger,base", [("dojo_qwen_image_lora", "qwnstyle", "qwen_image_bf16.safetensors"),
+                                               ("dojo_z_image_lora", "zmgsubject", "z_image_turbo_bf16.safetensors")])
+def test_qwen_family_workflows_run(comfy, stand_ins, name, trigger, base):
+    _, out = run_workflow(comfy, name)
+    saved = check_saved_lora(comfy, out, trigger, base)
+    assert saved.startswith("dojo/" + name.replace("dojo_", "") + "_")
+    output_files(comfy, out["SaveImage"][0]["images"])
+    assert previews_of(comfy, name.replace("dojo_", "")) == ["step_000000.png", "step_000002.png"]

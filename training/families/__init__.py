@@ -60,6 +60,12 @@ class LoraLayout:
         base = self.base(name, diffusers_names)
         return base + self.down, base + self.up, base + ".alpha"
 
+    def join_fused(self, state: dict[str, torch.Tensor], module_names,
+                   diffusers_names: Mapping[str, str] | None = None) -> dict[str, torch.Tensor]:
+        """A file's tensors with the parts of modules ComfyUI fuses joined back under the fused module's keys
+        (the reading side of a layout that splits them, z_image.SplitFusedLayout); here nothing is fused."""
+        return state
+
     def state_dict(self, factors: Factors, diffusers_names: Mapping[str, str] | None = None
                    ) -> dict[str, torch.Tensor]:
         if self.needs_diffusers_names and diffusers_names is not None:
