@@ -93,21 +93,23 @@ def _build_random(cls, config: dict, seed: int, dtype=torch.bfloat16) -> torch.n
 
 
 def write_detectable_qwen_image(path: Path, seed: int = 22) -> Path:
-    """The smallest Qwen-Image transformer UNETLoader detects: 1 block at the real widths. bf16."""
+    """The smallest Qwen-Image transformer UNETLoader detects: 1 block at the real widths, stored in fp8 (the
+    tests load it as fp8 and check detection and key mapping only; fp8 halves the 0.4 G-parameter file)."""
     from comfy.ldm.qwen_image.model import QwenImageTransformer2DModel
     model = _build_random(QwenImageTransformer2DModel, dict(num_layers=1), seed)
-    return tiny_files._save(model.state_dict(), path)
+    return tiny_files._save(model.state_dict(), path, torch.float8_e4m3fn)
 
 
 Z_IMAGE_DETECTABLE = dict(Z_IMAGE_TINY, dim=3840, n_heads=30, n_kv_heads=30, n_layers=1, n_refiner_layers=2)
 
 
 def write_detectable_z_image(path: Path, seed: int = 23) -> Path:
-    """The smallest Z-Image transformer UNETLoader detects: width 3840, 1 layer (+ 2 + 2 refiners). bf16."""
+    """The smallest Z-Image transformer UNETLoader detects: width 3840, 1 layer (+ 2 + 2 refiners), in fp8
+    like the Qwen-Image file."""
     from comfy.ldm.lumina.model import NextDiT
     config = {k: v for k, v in Z_IMAGE_DETECTABLE.items() if k != "image_model"}
     model = _build_random(NextDiT, config, seed)
-    return tiny_files._save(model.state_dict(), path)
+    return tiny_files._save(model.state_dict(), path, torch.float8_e4m3fn)
 
 
 def _keyed(where: tuple[str, str]) -> tuple[str, str]:
