@@ -79,8 +79,9 @@ def checkpoint_units(model, spec: FamilySpec | None = None) -> list[nn.Module]:
     return units
 
 
-def needs_protection(model, spec: FamilySpec | None = None) -> bool:
-    """Whether the model's blocks write in place into tensors autograd saved (the spec says)."""
+def needs_protection(model, spec: FamilySpec | None = None) -> bool | str:
+    """Whether the model's blocks write in place into tensors autograd saved (the spec says): False,
+    "streams" (only into their own inputs) or True (anywhere); grad_safety.protected_training's `protect`."""
     return spec_of(model, spec).writes_in_place
 
 
@@ -131,8 +132,11 @@ def training_region(model, checkpointing: bool, blocks_to_swap: int = 0,
 
 
 @contextlib.contextmanager
-def protected_comfy_training(model, checkpointing: bool, spec: FamilySpec | None = None):
+def protected_comfy_training(model, checkpointing: bool, spec: FamilySpec | None = None, protect=None):
     """Forward/backward through a ComfyUI transformer model (Flux, HunyuanVideo, ...) with correct
-    gradients; see `training.grad_safety.protected_training`. Nothing stays installed after exit."""
-    with protected_training(transformer_blocks(model, spec), checkpointing, rope_substitutions()) as stats:
+    gradients; see `training.grad_safety.protected_training` (`protect`: its protection, by default
+    the family's, copy-on-write where the family does not say). Nothing stays installed after exit."""
+    if protect is None:
+        protect = needs_protection(model, spec) or True
+    with protected_training(transformer_blocks(model, spec), checkpointing, rope_substitutions(), protect) as stats:
         yield stats

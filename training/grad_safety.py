@@ -12,6 +12,11 @@ model code and without global state:
   are copied, so memory is what out-of-place code would use. At unpack time every uncopied tensor's
   version is checked; a mutation the mode did not see raises `UnsafeInplaceError` instead of yielding a
   wrong gradient.
+* `clone_stream_reads(blocks)` is the cheap form for blocks whose only in-place writes go into their own
+  inputs (ComfyUI's Flux-style `img += ...`): each direct submodule of a running block gets a copy of any
+  block input it is handed, so what the submodules save is never the tensor the block overwrites. No
+  per-op dispatch and no saved-tensor hooks: autograd's own version check still raises on any other
+  write into a saved tensor, so a block that breaks the assumption fails loudly, never silently.
 * `checkpoint_blocks(blocks)` replaces each block's `forward` (an instance attribute, deleted again on
   exit) by a checkpoint that runs the block on copies of its inputs (the block may overwrite them), and
   recomputes it in backward under `copy_on_write_saved_tensors()`. With `protect=False` (blocks known
@@ -19,7 +24,7 @@ model code and without global state:
   version checks then still raise on any such write, so a wrong gradient is never silent. A block
   through which no gradient can flow (no input and no parameter requires grad) runs plainly: there
   is nothing to recompute.
-* `protected_training(blocks, checkpointing)` combines the two. Nothing stays installed after it exits.
+* `protected_training(blocks, checkpointing, protect=...)` combines them. Nothing stays installed after it exits.
 
 Gradients of parameters used inside checkpointed blocks are accumulated into `.grad` by the recompute,
 so train with `loss.backward()` (not `torch.autograd.grad`), like any reentrant checkpoint.
@@ -178,6 +183,84 @@ def copy_on_write_saved_tensors(substitutions: Mapping[Callable, Callable] | Non
         registry.clear()
 
 
+class _StreamStats:
+    """Statistics of a `clone_stream_reads` region: block inputs copied for a submodule."""
+
+    def __init__(self):
+        self.copies = 0
+
+
+@contextlib.contextmanager
+def clone_stream_reads(blocks: Iterable[nn.Module]):
+    """While one of `blocks` runs with gradients enabled, hand each of its direct submodules a copy of
+    any tensor that shares storage with one of the block's own inputs.
+
+    For blocks whose in-place writes all go into their inputs (residual streams) and whose submodules
+    are the only readers that save them (a norm before each `x += ...`), this leaves every saved tensor
+    intact at the price of exactly the copies copy-on-write would make. The assumption is not trusted:
+    no saved-tensor hooks are installed, so autograd's own version check raises on any write into a
+    saved tensor that this did not prevent. Hooks are removed on exit; the per-thread stream stack keeps
+    other threads (sampling under no_grad) out of it."""
+    local = threading.local()
+    stats = _StreamStats()
+    handles = []
+
+    def stack():
+        if not hasattr(local, "streams"):
+            local.streams = []
+        return local.streams
+
+    def enter_block(module, args, kwargs):
+        keys = None
+        if torch.is_grad_enabled():
+            keys = {_storage_key(t) for t in pytree.tree_leaves((args, kwargs))
+                    if isinstance(t, torch.Tensor) and t.is_floating_point()}
+            keys.discard(None)
+        stack().append(keys)
+
+    def leave_block(module, args, kwargs, output):
+        stack().pop()
+
+    def copy_streams(module, args, kwargs):
+        streams = stack()
+        keys = streams[-1] if streams else None
+        if not keys or not torch.is_grad_enabled():
+            return None
+        changed = False
+
+        def copy(x):
+            nonlocal changed
+            if isinstance(x, torch.Tensor) and _storage_key(x) in keys:
+                changed = True
+                stats.copies += 1
+                return x.clone()
+            return x
+        new_args, new_kwargs = pytree.tree_map(copy, (args, kwargs))
+        return (new_args, new_kwargs) if changed else None
+
+    try:
+        for block in blocks:
+            handles.append(block.register_forward_pre_hook(enter_block, with_kwargs=True))
+            handles.append(block.register_forward_hook(leave_block, with_kwargs=True, always_call=True))
+            for child in block.children():
+                handles.append(child.register_forward_pre_hook(copy_streams, with_kwargs=True))
+        yield stats
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+_PROTECTIONS = {True: "copy_on_write", False: "none", "copy_on_write": "copy_on_write", "streams": "streams",
+                "none": "none"}
+
+
+def _protection(protect) -> str:
+    try:
+        return _PROTECTIONS[protect]
+    except (KeyError, TypeError):
+        raise ValueError(f"protect must be one of True/'copy_on_write', 'streams', False/'none'; got {protect!r}")
+
+
 def _clone_input(t):
     return t.clone() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
 
@@ -225,7 +308,7 @@ class _BlockCheckpoint(torch.autograd.Function):
         ctx.run, ctx.box = run, box
         ctx.autocast = _autocast_state()
         ctx.save_for_backward(*tensors)  # autograd checks their versions: a later overwrite raises
-        copy = _clone_input if box["protect"] else _same
+        copy = _same if box["protect"] == "none" else _clone_input
         with torch.no_grad():
             outputs = run([copy(t) for t in tensors])
         flat, box["out_spec"] = pytree.tree_flatten(outputs)
@@ -236,8 +319,9 @@ class _BlockCheckpoint(torch.autograd.Function):
     def backward(ctx, *grads):
         leaves = [t.detach().requires_grad_(t.requires_grad) if t.is_floating_point() else t.detach()
                   for t in ctx.saved_tensors]
-        protect = ctx.box["protect"]
-        region = (copy_on_write_saved_tensors if protect else _substituted)(ctx.box["substitutions"])
+        protect = ctx.box["protect"] != "none"
+        region = (copy_on_write_saved_tensors if ctx.box["protect"] == "copy_on_write" else _substituted)(
+            ctx.box["substitutions"])
         with torch.enable_grad(), _autocast(ctx.autocast), region:  # copies made here stay on the graph
             outputs = ctx.run([_clone_input(t) for t in leaves] if protect else leaves, recompute=True)
         flat = [o for o in pytree.tree_leaves(outputs) if isinstance(o, torch.Tensor)]
@@ -263,7 +347,7 @@ def _recomputation():
         _recompute.depth -= 1
 
 
-def _checkpointed_forward(block: nn.Module, original: Callable, substitutions: Mapping, protect: bool):
+def _checkpointed_forward(block: nn.Module, original: Callable, substitutions: Mapping, protect: str):
     def forward(*args, **kwargs):
         if not torch.is_grad_enabled() or _recomputing():
             return original(*args, **kwargs)
@@ -309,13 +393,15 @@ def _substituted(substitutions: Mapping[Callable, Callable]):
 
 @contextlib.contextmanager
 def checkpoint_blocks(blocks: Iterable[nn.Module], substitutions: Mapping[Callable, Callable] | None = None,
-                      protect: bool = True):
+                      protect: bool | str = True):
     """Gradient-checkpoint each block, with its inputs copied and its saved tensors protected (with
-    `protect`; without, for blocks that never write in place, plain recomputation that autograd's
-    version checks still guard).
+    `protect`: True / "copy_on_write" recomputes under `copy_on_write_saved_tensors`, "streams" under
+    the caller's `clone_stream_reads`; False / "none", for blocks that never write in place, is plain
+    recomputation that autograd's version checks still guard).
 
     Installs an instance-level `forward` on each block and removes it on exit (also on errors)."""
     subs = dict(substitutions or {})
+    protect = _protection(protect)
     installed = []
     try:
         for block in blocks:
@@ -332,25 +418,32 @@ def checkpoint_blocks(blocks: Iterable[nn.Module], substitutions: Mapping[Callab
 
 @contextlib.contextmanager
 def protected_training(blocks: Iterable[nn.Module], checkpointing: bool,
-                       substitutions: Mapping[Callable, Callable] | None = None, protect: bool = True):
+                       substitutions: Mapping[Callable, Callable] | None = None, protect: bool | str = True):
     """Run forward passes whose gradients are correct despite in-place ops on saved tensors.
 
-    All saved tensors of the region are copy-on-write protected; with `checkpointing`, each of `blocks`
-    is also checkpointed (activations recomputed in backward, under the same protection). Call
-    `loss.backward()` inside or after the region; nothing stays installed once it exits. Yields the
-    region's statistics (saved tensors seen, copies made).
+    `protect`:
+    * True / "copy_on_write": all saved tensors of the region are copy-on-write protected (any model);
+    * "streams": `clone_stream_reads` on the blocks, for blocks whose in-place writes go only into their
+      own inputs (ComfyUI's Flux-style blocks): no per-op dispatch;
+    * False / "none": for models known not to write in place into saved tensors (SD UNets): only the
+      checkpointing and the substitutions are installed.
+    Autograd's own version checks (or the copy-on-write unpack check) turn any write the chosen
+    protection does not handle into an error, never into a wrong gradient.
 
-    `protect=False` is for models known not to write in place into saved tensors (SD UNets): only the
-    checkpointing and the substitutions are installed, no per-op protection (yields None). Autograd's
-    own version checks still turn any such write into an error, never into a wrong gradient."""
+    With `checkpointing`, each of `blocks` is also checkpointed (activations recomputed in backward,
+    under the same protection). Call `loss.backward()` inside or after the region; nothing stays
+    installed once it exits. Yields the region's statistics (copies made; None without protection)."""
+    protect = _protection(protect)
+    blocks = list(blocks)
     with contextlib.ExitStack() as stack:
         if checkpointing:
             stack.enter_context(checkpoint_blocks(blocks, substitutions, protect))
-        if protect:
+        if protect == "copy_on_write":
             yield stack.enter_context(copy_on_write_saved_tensors(substitutions))
-        else:
-            stack.enter_context(_substituted(dict(substitutions or {})))
-            yield None
+            return
+        stats = stack.enter_context(clone_stream_reads(blocks)) if protect == "streams" else None
+        stack.enter_context(_substituted(dict(substitutions or {})))
+        yield stats
 
 
 @contextlib.contextmanager

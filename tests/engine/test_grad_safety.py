@@ -230,3 +230,52 @@ def test_blocks_no_gradient_flows_through_are_not_recomputed():
             h.remove()
     assert sorted(calls) == [0, 1, 1, 2, 2]
     assert_grads_equal(got, grads(reference, x))
+
+
+class DirectReadBlock(ResidualBlock):
+    """Reads its stream with an op of its own (not a submodule) that saves it, then writes it in place:
+    outside what the "streams" protection assumes."""
+
+    def forward(self, x, scale):
+        h = self.fc1(x * x) * scale  # mul saves x itself
+        x += h
+        return x
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_stream_protection_gradients_equal_out_of_place_reference(checkpointing):
+    model, reference, x = make_pair()
+    expected = grads(reference, x)
+    with protected_training(model.blocks, checkpointing=checkpointing, protect="streams") as stats:
+        got = grads(model, x)
+    assert_grads_equal(got, expected)
+    assert stats.copies > 0
+    for block in model.blocks:  # nothing stays installed
+        assert not block._forward_pre_hooks and not block._forward_hooks
+        assert all(not child._forward_pre_hooks for child in block.children())
+        assert "forward" not in vars(block)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_stream_protection_refuses_what_it_does_not_cover(checkpointing):
+    """A write the stream protection cannot prevent is autograd's error, never a wrong gradient;
+    copy-on-write handles the same block exactly."""
+    torch.manual_seed(0)
+    model = nn.Sequential(DirectReadBlock(8)).double()
+    x = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+
+    def run(protect):
+        model.zero_grad(set_to_none=True)
+        with protected_training(list(model), checkpointing=checkpointing, protect=protect):
+            (model[0](x.clone(), 0.5) ** 2).mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        run("streams")
+    exact = run("copy_on_write")
+    ref_model = nn.Linear(8, 8).double()
+    ref_model.load_state_dict(model[0].fc1.state_dict())
+    xx = x.detach()
+    h = ref_model(xx * xx) * 0.5
+    ((xx + h) ** 2).mean().backward()
+    torch.testing.assert_close(exact["0.fc1.weight"], ref_model.weight.grad, rtol=1e-10, atol=1e-12)

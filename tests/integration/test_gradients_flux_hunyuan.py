@@ -8,6 +8,7 @@ computation, whatever the model code does in place, and without copying (or edit
 code. It costs a copy of every activation, which is why it is only the reference. The engine tests
 check this reference against a hand-written out-of-place block.
 """
+import contextlib
 import importlib
 import sys
 
@@ -96,12 +97,18 @@ def test_reference_equals_out_of_place_blocks(setup, pack, reference):
     assert max(errors.values()) < TOLERANCE, errors
 
 
+@pytest.mark.parametrize("protect", ["copy_on_write", "streams"])
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_protected_gradients_match_reference(setup, pack, reference, checkpointing):
+def test_protected_gradients_match_reference(setup, pack, reference, checkpointing, protect):
+    """Both protections give the reference's gradients on ComfyUI's own blocks: copy-on-write of saved
+    tensors (any model) and the family's cheap one, copies of the block inputs its submodules read."""
     family, net, lora = setup
-    got = lora_grads(net, lora, family, pack["protection"].protected_comfy_training(net, checkpointing))
+    with pack["protection"].protected_comfy_training(net, checkpointing, protect=protect) as stats:
+        got = lora_grads(net, lora, family, contextlib.nullcontext())
     errors = relative_errors(got, reference)
     assert max(errors.values()) < TOLERANCE, errors
+    if protect == "streams" or not checkpointing:  # (copy-on-write counts recomputation copies apart)
+        assert stats.copies > 0  # the residual streams were really copied for their readers
 
 
 def test_unprotected_backward_raises(setup, pack):

@@ -139,7 +139,11 @@ class FamilySpec:
     # and it cannot block-swap.
     block_lists: tuple[str, ...] = ()
     unet_blocks: tuple[str, ...] = ()
-    writes_in_place: bool = False               # blocks add residuals in place into tensors autograd saved
+    # Whether blocks write in place into tensors autograd saved: False; "streams" when the only such writes
+    # go into a block's own inputs (residual streams like Flux's `img += ...`) and only its submodules
+    # read them (cheap protection: grad_safety.clone_stream_reads); True when anywhere (copy-on-write of
+    # saved tensors, watching every op). Autograd's version checks catch whatever the choice misses.
+    writes_in_place: bool | str = False
     video: bool = False                         # latents [C, T, H, W]
     frames_rule: str = "any"                    # "4k+1" when a video VAE needs 4k+1 frames
     vae_time_scale: int = 1                     # frames per latent frame after the first (video VAEs: 4)

@@ -24,7 +24,7 @@ SPEC = register(FamilySpec(
                           implementation="https://huggingface.co/lodestones/Chroma",
                           network_module="networks.lora_flux", diffusers_pipeline="ChromaPipeline"),
     block_lists=FLUX_BLOCKS,
-    writes_in_place=True,
+    writes_in_place="streams",   # Flux layers: `img += ...` into the block inputs only
     # ComfyUI's Chroma.extra_conds passes guidance 0, the value Chroma was trained with; nothing to add.
     sample_cfg=4.0,
 ))

@@ -27,7 +27,7 @@ SPEC = register(FamilySpec(
                           network_module="networks.lora_flux",
                           hub_base_model="black-forest-labs/FLUX.1-dev", diffusers_pipeline="FluxPipeline"),
     block_lists=FLUX_BLOCKS,
-    writes_in_place=True,
+    writes_in_place="streams",   # Flux layers: `img += ...` into the block inputs only
     extra_conditions=training_guidance,
     sample_cfg=1.0,
     te_lora_prefixes={"clip_l": "lora_te1_"},

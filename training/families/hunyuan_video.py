@@ -31,7 +31,7 @@ SPEC = register(FamilySpec(
                           hub_base_model="hunyuanvideo-community/HunyuanVideo",
                           diffusers_pipeline="HunyuanVideoPipeline"),
     block_lists=FLUX_BLOCKS,
-    writes_in_place=True,
+    writes_in_place="streams",   # Flux layers: `img += ...` into the block inputs only
     video=True,
     frames_rule="4k+1",
     vae_time_scale=4,

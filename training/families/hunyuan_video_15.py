@@ -26,7 +26,7 @@ SPEC = register(FamilySpec(
                           implementation="https://github.com/Tencent-Hunyuan/HunyuanVideo-1.5",
                           default_resolution=(1280, 720), diffusers_pipeline="HunyuanVideo15Pipeline"),
     block_lists=FLUX_BLOCKS,
-    writes_in_place=True,
+    writes_in_place="streams",   # Flux layers: `img += ...` into the block inputs only
     video=True,
     frames_rule="4k+1",
     vae_time_scale=4,
