@@ -2,9 +2,17 @@
 stand-in models of each family (ComfyUI's own classes, random weights, built in process), their
 inputs, and the frozen "floor" step every trainer is compared with.
 
-Sizes are chosen so that one bf16 step takes ~0.1-1 s on one CPU thread: large enough that the
-matmuls and convolutions dominate as they do on real models, small enough for several fresh-process
-rounds in a few minutes.
+Two sizes, chosen by DOJO_BENCH_WIDTH (the benchmarks' --width sets it for their children):
+
+  tiny  (default) hidden 256 transformers with 2+2 blocks, 64-channel UNets, fp32 weights: one bf16 step
+        takes ~0.05-0.5 s on one CPU thread, so many fresh-process rounds fit in minutes. At this width a
+        rank-16 LoRA is a large part of each layer's work, and per-op Python costs weigh more than on
+        a real model.
+  real  the real models' layer widths with fewer blocks, bf16 weights as users load them: Flux.1 /
+        HunyuanVideo hidden 3072 with 24 heads and 1 double + 1 single block; SD1.5's 320 / 640 channels
+        with 8 heads; SDXL's 320 / 640 channels with its 2-deep transformers at 640, context 2048. Each
+        layer costs what it costs in the real model, so per-layer ratios (adapter, protection,
+        checkpointing) are the real ones; ~1-4 s per step.
 """
 from __future__ import annotations
 
@@ -28,6 +36,12 @@ FAMILIES = {
     "hunyuan_video": ((16, 5, 32, 32), (64, 48), 32),   # a 5-latent-frame clip
 }
 TRANSFORMER_WIDTH = dict(hidden_size=256, num_heads=4, axes_dim=[8, 28, 28])
+WIDTH = os.environ.get("DOJO_BENCH_WIDTH", "tiny")
+if WIDTH not in ("tiny", "real"):
+    raise SystemExit(f"DOJO_BENCH_WIDTH must be tiny or real, not {WIDTH!r}")
+if WIDTH == "real":
+    TRANSFORMER_WIDTH = dict(hidden_size=3072, num_heads=24, axes_dim=[16, 56, 56], depth=1, depth_single_blocks=1)
+    FAMILIES = dict(FAMILIES, hunyuan_video=((16, 5, 16, 16), (64, 48), 32))  # 320 video tokens, as many as 512 px
 
 
 def rss_mb() -> float:
@@ -66,16 +80,28 @@ def build_patcher(family: str, seed: int = 0, disable_dynamic: bool = False):
 
 
 def _build_patcher(family: str, seed: int):
+    import torch
     import inprocess_models
     import tiny_comfy_models as tiny
+    import tiny_files
+    real = WIDTH == "real"
+    dtype = torch.bfloat16 if real else torch.float32
     if family == "sd15":
-        return inprocess_models.tiny_sd15_patcher(seed, model_channels=64)
+        if not real:
+            return inprocess_models.tiny_sd15_patcher(seed, model_channels=64)
+        config = inprocess_models.tiny_sd15_config(model_channels=320)
+        return inprocess_models._patcher("SD15", dict(config, num_heads=8, transformer_depth=[1, 1],
+                                                      transformer_depth_output=[1, 1, 1, 1]), seed, dtype)
     if family == "sdxl":
-        import tiny_files
-        return tiny_files.build_tiny_sdxl(seed)
+        if not real:
+            return tiny_files.build_tiny_sdxl(seed)
+        return inprocess_models._patcher("SDXL", dict(tiny_files.SDXL_TINY_UNET, model_channels=320, num_head_channels=64, num_heads=-1,
+                                                      transformer_depth=[0, 2], transformer_depth_output=[0, 0, 2, 2]),
+                                         seed, dtype)
     if family == "flux":
-        return inprocess_models._patcher("Flux", dict(tiny.FLUX_TINY_NET, image_model="flux", **TRANSFORMER_WIDTH), seed)
-    return inprocess_models._patcher("HunyuanVideo", dict(tiny.HUNYUAN_VIDEO_TINY_NET, **TRANSFORMER_WIDTH), seed)
+        return inprocess_models._patcher("Flux", dict(tiny.FLUX_TINY_NET, image_model="flux", **TRANSFORMER_WIDTH),
+                                         seed, dtype)
+    return inprocess_models._patcher("HunyuanVideo", dict(tiny.HUNYUAN_VIDEO_TINY_NET, **TRANSFORMER_WIDTH), seed, dtype)
 
 
 def inputs(family: str, n: int, seed: int = 0):

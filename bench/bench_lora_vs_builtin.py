@@ -140,7 +140,10 @@ def main():
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--family", help=argparse.SUPPRESS)
+    parser.add_argument("--width", choices=("tiny", "real"), default=bc.WIDTH,
+                        help="model widths (bench_common): tiny stand-ins, or the real layer widths with fewer blocks")
     args = parser.parse_args()
+    os.environ["DOJO_BENCH_WIDTH"] = args.width  # the children build their models from it
     if args.variant:
         print("RESULT " + json.dumps(child(args)))
         return
@@ -164,7 +167,7 @@ def main():
                 f"{v} {r['s_per_step']:.3f}" if "s_per_step" in r else f"{v} {r.get('skipped') or 'FAILED: ' + r.get('failed', '')}"
                 for v, r in row.items()), flush=True)
 
-    print(f"\nComfyUI {version}, {args.threads} thread(s), bf16, batch {args.batch}, rank {args.rank}, "
+    print(f"\nComfyUI {version}, width {args.width}, {args.threads} thread(s), bf16, batch {args.batch}, rank {args.rank}, "
           f"{args.steps} steps per process ({args.steps - 2} timed), {args.rounds} rounds")
     print(f"\n{'family':<14}{'ckpt':<5}{'variant':<16}{'cpu s':>8}{'wall s':>8}{'peak RSS':>10}{'train MB':>10}"
           f"{'trainable':>11}  load per round")

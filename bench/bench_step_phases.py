@@ -139,12 +139,16 @@ def main():
     parser.add_argument("--profile-steps", type=int, default=2)
     parser.add_argument("--top", type=int, default=0, help="also list the N ops with the most self CPU time")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--width", choices=("tiny", "real"), default=bc.WIDTH,
+                        help="model widths (bench_common): tiny stand-ins, or the real layer widths with fewer blocks")
     args = parser.parse_args()
+    os.environ["DOJO_BENCH_WIDTH"] = args.width  # the children build their models from it
     if args.child:
         family, ckpt = args.child.split(":")
         print("RESULT " + json.dumps(child(family, ckpt == "on", args.rounds, args.steps, args.profile_steps,
                                            args.top)))
         return
+    print(f"width: {args.width}")
     print(f"{'family':<14}{'ckpt':<5}" + "".join(f"{p:>11}" for p in PHASES)
           + f"{'adapters':>10}{'protect/ckpt':>14}{'optim+loop':>12}{'total':>8}  load  (CPU s/step; phase costs as % of floor)")
     rows = []

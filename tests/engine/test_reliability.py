@@ -8,6 +8,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import time
 import zlib
 from pathlib import Path
 
@@ -415,6 +416,10 @@ TRAINER = PACK_IMPORT_SNIPPET + textwrap.dedent("""
 """)
 
 
+def last_step(run: Path) -> int:
+    return max((int(p.name.split("_")[1]) for p in run.glob("step_*") if p.name.split("_")[1].isdigit()), default=0)
+
+
 def test_a_training_process_killed_with_sigkill_again_and_again_resumes_to_the_same_bits(tmp_path):
     run, rng = tmp_path / "run", random.Random(21)
     engine_dir = str(Path(__file__).parent)
@@ -424,12 +429,19 @@ def test_a_training_process_killed_with_sigkill_again_and_again_resumes_to_the_s
         proc = subprocess.Popen([sys.executable, "-c", TRAINER, str(run), engine_dir], stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
         assert proc.stdout.readline().startswith("ready")
-        try:
-            proc.wait(timeout=rng.uniform(0.3, 1.5) if kills < 3 else 300)
-        except subprocess.TimeoutExpired:
-            proc.kill()  # SIGKILL, at whatever moment of a step or of a checkpoint write
+        if kills < 3:
+            # Kill after 1-3 more checkpoints plus a random 0-50 ms, so the kills land inside this run on
+            # any machine speed: at whatever moment of a step or of a checkpoint write.
+            target = last_step(run) + rng.randint(1, 3)
+            while proc.poll() is None and last_step(run) < target:
+                time.sleep(0.002)
+            time.sleep(rng.uniform(0.0, 0.05))
+        if kills < 3 and proc.poll() is None:
+            proc.kill()  # SIGKILL
             proc.wait()
             kills += 1
+        else:
+            proc.wait(timeout=300)
         assert all((p / "state.json").is_file() for p in run.glob("step_*")), listing(run)
     assert kills >= 3
     model = tiny_unet_model()
