@@ -75,7 +75,17 @@ def build_patcher(family: str, seed: int = 0, disable_dynamic: bool = False):
     """A ComfyUI ModelPatcher of the family, as its loaders return it (inference-tensor weights), with
     the reload factory ComfyUI's loaders register (0.33's TrainLoraNode deep-copies through it)."""
     patcher = _build_patcher(family, seed)
-    patcher.cached_patcher_init = (build_patcher, (family, seed))
+    patcher.cached_patcher_init = (_reload_patcher, (family, seed))
+    return patcher
+
+
+def _reload_patcher(family: str, seed: int, disable_dynamic: bool = False):
+    """What ComfyUI's reload factory gives a caller outside inference mode (0.33's TrainLoraNode deep-copies
+    the model inside `inference_mode(False)`): the same weights as ordinary tensors, not inference tensors."""
+    import torch
+    patcher = build_patcher(family, seed)
+    if not torch.is_inference_mode_enabled():
+        patcher.model._apply(lambda t: t.clone())
     return patcher
 
 
