@@ -44,6 +44,18 @@ if WIDTH == "real":
     FAMILIES = dict(FAMILIES, hunyuan_video=((16, 5, 16, 16), (64, 48), 32))  # 320 video tokens, as many as 512 px
 
 
+def malloc_env(mode: str) -> dict:
+    """Environment for the children's glibc allocator. "default": as is. "steady": freed memory stays in
+    the heap (no trimming, mmap only above 32 MB), the same for every variant. With glibc's default the
+    memory a step frees is partly given back to the system and faulted in again by the next step: on these
+    CPU runs that is 50-140 ms of system time per HunyuanVideo clip step and varies with each trainer's
+    allocation pattern and the heap's history, not with its training code (on a GPU, activations never
+    touch glibc). "steady" takes it out of the comparison; the tables print system time either way."""
+    if mode == "steady":
+        return {"MALLOC_TRIM_THRESHOLD_": str(1 << 40), "MALLOC_MMAP_THRESHOLD_": str(32 << 20)}
+    return {}
+
+
 def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 

@@ -141,14 +141,17 @@ def main():
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--width", choices=("tiny", "real"), default=bc.WIDTH,
                         help="model widths (bench_common): tiny stand-ins, or the real layer widths with fewer blocks")
+    parser.add_argument("--malloc", choices=("default", "steady"), default="default",
+                        help="glibc's allocator as is, or told to keep freed memory (bench_common.malloc_env)")
     args = parser.parse_args()
     os.environ["DOJO_BENCH_WIDTH"] = args.width  # the children build their models from it
+    os.environ.update(bc.malloc_env(args.malloc))
     if args.child:
         family, ckpt = args.child.split(":")
         print("RESULT " + json.dumps(child(family, ckpt == "on", args.rounds, args.steps, args.profile_steps,
                                            args.top)))
         return
-    print(f"width: {args.width}")
+    print(f"width: {args.width}, malloc: {args.malloc}")
     print(f"{'family':<14}{'ckpt':<5}" + "".join(f"{p:>11}" for p in PHASES)
           + f"{'adapters':>10}{'protect/ckpt':>14}{'optim+loop':>12}{'total':>8}  load  (CPU s/step; phase costs as % of floor)")
     rows = []
