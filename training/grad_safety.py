@@ -183,13 +183,6 @@ def copy_on_write_saved_tensors(substitutions: Mapping[Callable, Callable] | Non
         registry.clear()
 
 
-class _StreamStats:
-    """Statistics of a `clone_stream_reads` region: block inputs copied for a submodule."""
-
-    def __init__(self):
-        self.copies = 0
-
-
 @contextlib.contextmanager
 def clone_stream_reads(blocks: Iterable[nn.Module]):
     """While one of `blocks` runs with gradients enabled, hand each of its direct submodules a copy of
@@ -202,7 +195,7 @@ def clone_stream_reads(blocks: Iterable[nn.Module]):
     saved tensor that this did not prevent. Hooks are removed on exit; the per-thread stream stack keeps
     other threads (sampling under no_grad) out of it."""
     local = threading.local()
-    stats = _StreamStats()
+    stats = _Protection()  # copies: block inputs copied for a submodule
     handles = []
 
     def stack():
