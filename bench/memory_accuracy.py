@@ -141,9 +141,32 @@ def run_one(name: str) -> dict:
             "params_m": sum(p.numel() for p in patcher.model.diffusion_model.parameters()) / 1e6}
 
 
+def kernel_costs(n: int = 40) -> None:
+    """What oneDNN keeps per new shape of a bf16 op on this CPU (the planner's KERNEL_CACHE_BYTES): RSS
+    growth over n calls, each at a shape not seen before, with glibc's threshold fixed so freed tensors do
+    not stay in the heap."""
+    import torch
+    torch.set_num_threads(1)
+    x_conv = torch.randn(64, 64, 3, 3)
+    w = torch.randn(512, 256)
+    ops = {"linear (mm)": lambda i: torch.nn.functional.linear(torch.randn(100 + 8 * i, 256), w),
+           "bmm": lambda i: torch.bmm(torch.randn(4, 100 + 8 * i, 64), torch.randn(4, 64, 100 + 8 * i)),
+           "conv2d (convolution)": lambda i: torch.nn.functional.conv2d(torch.randn(1, 64, 16 + i, 16 + i), x_conv,
+                                                                        padding=1)}
+    print(f"oneDNN primitive kept per new bf16 shape ({n} new shapes each, torch {torch.__version__}):")
+    for label, op in ops.items():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            op(0)
+            before = status_kb("VmRSS")
+            for i in range(1, n + 1):
+                op(i)
+        print(f"  {label:<22}{(status_kb('VmRSS') - before) / n:>8.0f} KB")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--one")
+    parser.add_argument("--kernels", action="store_true", help="measure the per-shape kernel cache cost and exit")
     parser.add_argument("--only", nargs="*")
     parser.add_argument("--malloc", choices=["default", "fixed"], default="default")
     opts = parser.parse_args()
@@ -152,12 +175,16 @@ def main():
         return
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("MALLOC_MMAP_THRESHOLD_", None)
-    if opts.malloc == "fixed":
+    if opts.malloc == "fixed" or opts.kernels:
         env["MALLOC_MMAP_THRESHOLD_"] = "131072"
+    if opts.kernels:
+        subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+                        "import memory_accuracy; memory_accuracy.kernel_costs()"], env=env, check=True)
+        return
     print("CPU, 1 thread, bf16 autocast, fp32 weights, LoRA rank 16 (HunyuanVideo 32), 2 steps; MB = 2^20 bytes; "
           + ("glibc mmap threshold fixed at 128 KiB" if opts.malloc == "fixed" else "glibc's dynamic mmap threshold"))
     print(f"{'configuration':<24}{'params M':>9}{'measured MB':>12}{'estimate MB':>12}{'error':>8}"
-          f"{'activ. MB':>10}{'adapter MB':>11}{'first-run MB':>13}")
+          f"{'activ. MB':>10}{'adapter MB':>11}{'workspace MB':>13}{'first-run MB':>13}")
     errors = []
     for name in opts.only or CONFIGS:
         out = subprocess.run([sys.executable, __file__, "--one", name], capture_output=True, text=True, env=env)
@@ -169,7 +196,8 @@ def main():
         errors.append((abs(err), name))
         mb = 2 ** 20
         print(f"{name:<24}{r['params_m']:>9.1f}{r['measured'] / mb:>12.0f}{r['estimate'] / mb:>12.0f}{err:>+8.1%}"
-              f"{r['activations'] / mb:>10.0f}{r['adapter'] / mb:>11.1f}{r['first_run'] / mb:>13.0f}", flush=True)
+              f"{r['activations'] / mb:>10.0f}{r['adapter'] / mb:>11.1f}{r['workspace'] / mb:>13.0f}{r['first_run'] / mb:>13.0f}",
+              flush=True)
     if errors:
         within = sum(e <= 0.15 for e, _ in errors)
         print(f"within 15%: {within} of {len(errors)}; furthest off: "

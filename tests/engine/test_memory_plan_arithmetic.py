@@ -267,3 +267,30 @@ def test_a_preview_that_needs_more_than_the_step_sets_the_activations():
     assert "preview" in on.parts()
     p = mp.plan(with_preview, on.total - 1, "test", checkpointing=True, blocks_to_swap=0)
     assert not p.fits and any("smaller previews" in s for s in p.suggestions)
+
+
+def test_each_new_bf16_matmul_shape_on_the_cpu_counts_one_kept_kernel():
+    """oneDNN's cached primitives (KERNEL_CACHE_BYTES): one per distinct bf16 CPU matmul signature, counted
+    when first met and kept, so a later peak includes them and an earlier one does not; none in fp32 or on meta."""
+    w = torch.randn(32, 16)
+
+    def step(device, autocast):
+        with autocast:
+            for rows in (8, 12, 8, 12, 20):  # three distinct shapes, two of them met twice
+                torch.nn.functional.linear(torch.randn(rows, 16, device=device), w.to(device))
+            torch.zeros(4096, device=device)  # the peak comes after every matmul
+
+    bf16 = torch.autocast("cpu", dtype=torch.bfloat16)
+    counted = {}
+    for name, device, autocast in (("bf16", "cpu", bf16), ("fp32", "cpu", contextlib.nullcontext()),
+                                   ("meta", "meta", contextlib.nullcontext())):
+        counter = mp.LiveBytes()
+        with counter:
+            step(device, autocast)
+        counted[name] = (len(counter.kernels), counter.kernel_bytes_at_peak)
+    assert counted["bf16"] == (3, 3 * mp.KERNEL_CACHE_BYTES["mm"])
+    assert counted["fp32"] == counted["meta"] == (0, 0)
+    m = mp.measure_step(lambda: step("cpu", bf16), tokens=1)
+    assert m.kernel_bytes_at_peak == 3 * mp.KERNEL_CACHE_BYTES["mm"]
+    job = mp.StepJob(mp.ModelMemory(0), 0, OptimizerKind.ADAMW, lambda gc: m, device_type="cpu")
+    assert mp.estimate(job, False).workspace >= m.kernel_bytes_at_peak
