@@ -210,6 +210,8 @@ class LiveBytes(TorchDispatchMode):
         if signature not in self.kernels:
             self.kernels.add(signature)
             self.kernel_bytes += cost
+            if self.replay is not None:  # kept in the heap among the step's tensors (cached: not made again)
+                self.replay.allocate(("kernel", len(self.kernels)), cost, record=False)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -526,18 +528,20 @@ def estimate(job: StepJob, checkpointing: bool, blocks_to_swap: int = 0) -> Esti
     preview = job.measured_preview()
     peak = m if preview is None or preview.peak_bytes <= m.peak_bytes else preview
     if job.device_type == "cpu":
-        runtime += peak.kernel_bytes_at_peak + heap_overhead(peak)
+        runtime += cpu_overhead(peak)
     return Estimate(checkpointing, blocks_to_swap, job.model.resident_bytes(blocks_to_swap, checkpointing),
                     adapter, peak.peak_bytes, runtime, preview.peak_bytes if preview is not None else 0)
 
 
-def heap_overhead(m: StepMeasure) -> int:
-    """What malloc's heap adds on the CPU beyond the live bytes: measured by replaying the step through
-    malloc where that was possible (never below zero: free heap the process holds now may be gone by the
-    time it trains), else the older allowance, a fraction of the heap-sized tensors alive at the peak."""
+def cpu_overhead(m: StepMeasure) -> int:
+    """What a CPU step adds beyond its live tensor bytes: oneDNN's kept kernels and malloc's heap. Where
+    the step was replayed through malloc (kernels included, as they are made), the replay's growth beyond
+    the live peak, never below zero (free heap the process holds now may be gone by the time it trains):
+    freed heap memory stays resident, so kernels made after the tensors' peak count too. Else the kernels
+    made before the peak and the older allowance, a fraction of the heap-sized tensors alive at the peak."""
     if m.malloc_growth_bytes >= 0:
         return max(0, m.malloc_growth_bytes - m.peak_bytes)
-    return int(CPU_HEAP_GROWTH * m.heap_bytes_at_peak)
+    return m.kernel_bytes_at_peak + int(CPU_HEAP_GROWTH * m.heap_bytes_at_peak)
 
 
 def safety_margin(available: int, device_type: str) -> int:
