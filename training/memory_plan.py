@@ -8,10 +8,11 @@ The peak of one training step on the compute device is
   + the peak of the forward + backward: activations saved for backward (all of them, or only the
     block inputs with gradient checkpointing, plus one block's recomputation), the adapter's gradients,
     autocast copies of the weights, and the transients of each op
-  + a workspace allowance for what no tensor count sees: the scratch memory kernels allocate
-    internally and the runtime's own growth the first time a step runs at a new shape (RUNTIME_BYTES,
-    measured by bench/memory_accuracy.py: ~60 MB on the CPU, whatever the model's size), and on the CPU
-    malloc's heap fragmentation in that first step (CPU_HEAP_GROWTH).
+  + a workspace allowance for what no tensor count sees: on CUDA a fixed amount for the kernels'
+    scratch memory and the runtime's growth (RUNTIME_BYTES); on the CPU the oneDNN kernels the first step
+    at a new shape compiles and keeps (KERNEL_CACHE_BYTES per distinct bf16 matmul / convolution
+    signature) and the holes malloc's heap keeps resident, found by replaying the step's allocations
+    through the process's own glibc malloc (MallocReplay; bench/memory_accuracy.py checks both).
 
 The third term is not guessed: `measure_step` runs the real step (the family's real model classes, the
 real adapter, the real checkpointing and copy-on-write protection) under torch's `FakeTensorMode`, where
@@ -61,15 +62,17 @@ ADAPTER_MASTER_BYTES = 4    # adapter weights are fp32 master weights
 # Safety margin kept free: a fraction of the available memory plus a fixed amount (the allocator's
 # fragmentation on CUDA; on the CPU what other threads and the rest of ComfyUI allocate meanwhile).
 MARGIN_FRACTION = 0.08
+# CPU: nothing fixed; what the runtime adds there is found per step (`cpu_overhead`).
 RUNTIME_BYTES = {"cpu": 0, "cuda": 128 * 2**20}
 # On the CPU, tensors below glibc's mmap threshold come from malloc's heap, which the first step at a
-# new shape fragments: its RSS peaks above the live bytes by about this fraction of the heap-sized
-# tensors alive at the peak (bench/memory_accuracy.py; later steps reuse the holes). Larger tensors are
-# mmapped and returned to the system when freed. By default glibc's threshold is dynamic: each freed
-# mmapped chunk raises it, up to 32 MiB on 64-bit, so after the first large tensor is freed everything
-# below 32 MiB is heap; a process that fixes the threshold (MALLOC_MMAP_THRESHOLD_, or the
-# glibc.malloc.mmap_threshold tunable) turns that off (`heap_limit`). CUDA's caching allocator rounds and
-# splits blocks instead; the margin covers it.
+# new shape fragments; larger tensors are mmapped and returned to the system when freed. By default
+# glibc's threshold is dynamic: each freed mmapped chunk raises it, up to 32 MiB on 64-bit, so after the
+# first large tensor is freed everything below 32 MiB is heap; a process that fixes the threshold
+# (MALLOC_MMAP_THRESHOLD_, or the glibc.malloc.mmap_threshold tunable) turns that off (`heap_limit`, a
+# part of the measurement's key). Where malloc is glibc's, MallocReplay measures the heap's growth; where
+# it is not, the allowance is this fraction of the heap-sized tensors alive at the peak (fitted on this
+# machine in an earlier session). CUDA's caching allocator rounds and splits blocks instead; the margin
+# covers it.
 HEAP_LIMIT = 32 * 2**20
 CPU_HEAP_GROWTH = 0.3
 

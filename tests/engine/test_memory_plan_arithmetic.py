@@ -2,7 +2,9 @@
 step allocates, the arithmetic keeps explicit settings and picks the cheapest that fit, and the CPU's
 free memory honours a real address-space limit."""
 import contextlib
+import dataclasses
 import json
+import platform
 import subprocess
 import sys
 
@@ -294,3 +296,27 @@ def test_each_new_bf16_matmul_shape_on_the_cpu_counts_one_kept_kernel():
     assert m.kernel_bytes_at_peak == 3 * mp.KERNEL_CACHE_BYTES["mm"]
     job = mp.StepJob(mp.ModelMemory(0), 0, OptimizerKind.ADAMW, lambda gc: m, device_type="cpu")
     assert mp.estimate(job, False).workspace >= m.kernel_bytes_at_peak
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="MallocReplay reads glibc's malloc")
+def test_a_cpu_step_is_replayed_through_malloc_and_its_growth_is_the_cpu_overhead():
+    def step(device):
+        a = torch.empty(40 * 2**20, dtype=torch.uint8, device=device)
+        b = torch.empty(70 * 2**20, dtype=torch.uint8, device=device)  # both alive: 110 MiB at the peak
+        del a, b
+
+    replay = mp.MallocReplay.create()
+    start = replay.footprint()
+    m = mp.measure_step(lambda: step("cpu"), tokens=1)
+    assert m.peak_bytes == 110 * 2**20
+    # malloc really held both blocks (a little more for its headers and the step run again) ...
+    assert 110 * 2**20 <= m.malloc_growth_bytes <= 2 * 110 * 2**20
+    # ... and has them back: the replay leaves nothing allocated.
+    assert replay.footprint() - start < 40 * 2**20
+    assert mp.measure_step(lambda: step("meta"), tokens=1).malloc_growth_bytes == -1
+    # The CPU overhead is the growth beyond the live peak (never below zero); without a replay, the
+    # kernels before the peak and the older heap fraction.
+    grown = mp.StepMeasure(1000, 0, 1, heap_bytes_at_peak=500, kernel_bytes_at_peak=70, malloc_growth_bytes=1300)
+    assert mp.cpu_overhead(grown) == 300
+    assert mp.cpu_overhead(dataclasses.replace(grown, malloc_growth_bytes=900)) == 0
+    assert mp.cpu_overhead(dataclasses.replace(grown, malloc_growth_bytes=-1)) == 70 + int(mp.CPU_HEAP_GROWTH * 500)
