@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
+import functools
 import hashlib
 import json
 import logging
 import math
 import os
 import resource
+import sys
 import tempfile
 import threading
 import weakref
@@ -108,6 +109,21 @@ class _Mallinfo2(ctypes.Structure):
                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
 
 
+@functools.cache
+def _glibc():
+    """glibc's malloc functions, or None where the C library is not glibc (mallinfo2: glibc 2.33+)."""
+    if sys.platform != "linux":
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _Mallinfo2
+        libc.posix_memalign.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t, ctypes.c_size_t]
+        libc.free.argtypes = [ctypes.c_void_p]
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
 class MallocReplay:
     """Replays a CPU step's tensor allocations (sizes and order, as the fake step makes and frees them)
     through this process's own glibc malloc, without touching the memory, and keeps the peak growth of
@@ -129,15 +145,14 @@ class MallocReplay:
 
     @classmethod
     def create(cls) -> "MallocReplay | None":
-        name = ctypes.util.find_library("c") if os.name == "posix" else None
-        try:
-            libc = ctypes.CDLL(name or "libc.so.6")
-            libc.mallinfo2.restype = _Mallinfo2
-            libc.posix_memalign.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t, ctypes.c_size_t]
-            libc.free.argtypes = [ctypes.c_void_p]
-        except (OSError, AttributeError):
+        """None where malloc is not glibc's, and under an address-space limit (RLIMIT_AS): the replay
+        reserves address space up to the step's size, and what the fake step's own Python objects
+        allocated meanwhile keep in the heap glibc cannot give back, so it would take the room it
+        measures (the older heap allowance is used there)."""
+        if resource.getrlimit(resource.RLIMIT_AS)[0] != resource.RLIM_INFINITY:
             return None
-        return cls(libc)
+        libc = _glibc()
+        return None if libc is None else cls(libc)
 
     def footprint(self) -> int:
         info = self._libc.mallinfo2()
