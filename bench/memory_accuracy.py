@@ -8,15 +8,18 @@ LoRA node does, for 2 steps, with `memory_plan` asked to keep the given settings
 "measured" = the process's peak RSS during train_lora (VmHWM, reset just before it through
 /proc/self/clear_refs) minus its RSS just before: activations, gradients, adapter + optimizer state, the
 trainer's copies. "estimate" = the planner's total minus the weights (on the CPU they are already
-resident before training). A warm-up run at 1/16 of the tokens first loads the runtime's one-off
-kernels and buffers (reported as "first-run MB", which the planner's fixed CPU margin covers).
+resident before training). A warm-up run at 1/16 of the tokens, with one more text token, first loads
+the runtime's one-off libraries and buffers ("first-run MB") without running any matmul of the measured
+step at its shape, so the measured run is a first run at a new shape, as the planner assumes: its
+workspace term is oneDNN's kernels kept per new bf16 op shape (KERNEL_CACHE_BYTES) plus what malloc's
+heap adds beyond the live bytes, found by replaying the step's allocations through glibc's malloc.
 
 `--malloc fixed` runs the configurations with glibc's mmap threshold fixed at 128 KiB
 (MALLOC_MMAP_THRESHOLD_=131072): freed tensors above it go back to the system at once, so RSS follows
-the live bytes instead of the heap's high-water mark, and the planner (which reads the setting) drops
-its heap-fragmentation allowance. The default is glibc's own dynamic threshold.
+the live bytes instead of the heap's high-water mark (the planner's replay sees the same setting). The
+default is glibc's own dynamic threshold. `--kernels` measures the per-shape kernel cost on this CPU.
 
-Usage: COMFYUI_PATH=~/ComfyUI python bench/memory_accuracy.py [--only NAME ...] [--malloc default|fixed]
+Usage: COMFYUI_PATH=~/ComfyUI python bench/memory_accuracy.py [--only NAME ...] [--malloc default|fixed] [--kernels]
 """
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ CONFIGS = {
     "sd15 768 b2 gc-off": ("sd15", 64, (4, 96, 96), 2, False, 0),
     "sdxl 1024 gc-off": ("sdxl", 64, (4, 128, 128), 1, False, 0),
     "sdxl 1024 gc-on": ("sdxl", 64, (4, 128, 128), 1, True, 0),
+    "sdxl 1024 b2 gc-on": ("sdxl", 64, (4, 128, 128), 2, True, 0),
     "flux 512 gc-off": ("flux", 256, (16, 64, 64), 1, False, 0),
     "flux 512 gc-on": ("flux", 256, (16, 64, 64), 1, True, 0),
     "flux 1024 gc-on": ("flux", 256, (16, 128, 128), 1, True, 0),
@@ -45,6 +49,7 @@ CONFIGS = {
     "hv 192x33 gc-on": ("hunyuan_video", 256, (16, 9, 24, 24), 1, True, 0),
     "hv 256x17 gc-off": ("hunyuan_video", 256, (16, 5, 32, 32), 1, False, 0),
     "hv 192x33 gc-on swap2": ("hunyuan_video", 256, (16, 9, 24, 24), 1, True, 2),
+    "hv 256x17 b2 gc-on swap2": ("hunyuan_video", 256, (16, 5, 32, 32), 2, True, 2),
 }
 
 
@@ -76,7 +81,8 @@ def build_patcher(family: str, width: int):
     return inprocess_models._patcher("HunyuanVideo", net, seed=0)
 
 
-def dataset(family: str, shape, batch: int):
+def dataset(family: str, shape, batch: int, text_tokens: int = 0):
+    """`batch` samples of latent `shape` with the family's text conditioning (`text_tokens` more tokens)."""
     import importlib
     import torch
     batches = importlib.import_module("comfyui_dojo.training.batches")
@@ -84,13 +90,13 @@ def dataset(family: str, shape, batch: int):
     protocol = importlib.import_module("comfyui_dojo.training.protocol")
     g = torch.Generator().manual_seed(0)
     if family == "sd15":
-        cond = protocol.Conditioning(torch.randn(1, 77, 768, generator=g), None, {})
+        cond = protocol.Conditioning(torch.randn(1, 77 + text_tokens, 768, generator=g), None, {})
     elif family == "sdxl":
-        cond = protocol.Conditioning(torch.randn(1, 77, 2048, generator=g), torch.randn(1, 1280, generator=g), {})
+        cond = protocol.Conditioning(torch.randn(1, 77 + text_tokens, 2048, generator=g), torch.randn(1, 1280, generator=g), {})
     elif family == "flux":
-        cond = protocol.Conditioning(torch.randn(1, 64, 256, generator=g), torch.randn(1, 256, generator=g), {})
+        cond = protocol.Conditioning(torch.randn(1, 64 + text_tokens, 256, generator=g), torch.randn(1, 256, generator=g), {})
     else:
-        cond = protocol.Conditioning(torch.randn(1, 32, 768, generator=g), torch.randn(1, 768, generator=g), {})
+        cond = protocol.Conditioning(torch.randn(1, 32 + text_tokens, 768, generator=g), torch.randn(1, 768, generator=g), {})
     samples = [batches.Sample(torch.randn(*shape, generator=g), cond) for _ in range(batch)]
     return encoded.EncodedDataset(samples, ["a photo"] * batch)
 
@@ -127,7 +133,9 @@ def run_one(name: str) -> dict:
 
     small = tuple(shape[:-2]) + (max(8, shape[-2] // 4), max(8, shape[-1] // 4))
     before_warmup = status_kb("VmRSS")
-    lt.train_lora(patcher, dataset(family, small, batch), job(1, False))
+    # The warm-up has its own text length too, so no matmul of the measured step has run at its shape
+    # before: the measured run compiles its oneDNN kernels as a first run at a new shape does.
+    lt.train_lora(patcher, dataset(family, small, batch, text_tokens=1), job(1, False))
     first_run = status_kb("VmHWM") - before_warmup
     data = dataset(family, shape, batch)
     with open("/proc/self/clear_refs", "w") as f:
@@ -141,9 +149,32 @@ def run_one(name: str) -> dict:
             "params_m": sum(p.numel() for p in patcher.model.diffusion_model.parameters()) / 1e6}
 
 
+def kernel_costs(n: int = 40) -> None:
+    """What oneDNN keeps per new shape of a bf16 op on this CPU (the planner's KERNEL_CACHE_BYTES): RSS
+    growth over n calls, each at a shape not seen before, with glibc's threshold fixed so freed tensors do
+    not stay in the heap."""
+    import torch
+    torch.set_num_threads(1)
+    x_conv = torch.randn(64, 64, 3, 3)
+    w = torch.randn(512, 256)
+    ops = {"linear (mm)": lambda i: torch.nn.functional.linear(torch.randn(100 + 8 * i, 256), w),
+           "bmm": lambda i: torch.bmm(torch.randn(4, 100 + 8 * i, 64), torch.randn(4, 64, 100 + 8 * i)),
+           "conv2d (convolution)": lambda i: torch.nn.functional.conv2d(torch.randn(1, 64, 16 + i, 16 + i), x_conv,
+                                                                        padding=1)}
+    print(f"oneDNN primitive kept per new bf16 shape ({n} new shapes each, torch {torch.__version__}):")
+    for label, op in ops.items():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            op(0)
+            before = status_kb("VmRSS")
+            for i in range(1, n + 1):
+                op(i)
+        print(f"  {label:<22}{(status_kb('VmRSS') - before) / n:>8.0f} KB")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--one")
+    parser.add_argument("--kernels", action="store_true", help="measure the per-shape kernel cache cost and exit")
     parser.add_argument("--only", nargs="*")
     parser.add_argument("--malloc", choices=["default", "fixed"], default="default")
     opts = parser.parse_args()
@@ -152,24 +183,29 @@ def main():
         return
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("MALLOC_MMAP_THRESHOLD_", None)
-    if opts.malloc == "fixed":
+    if opts.malloc == "fixed" or opts.kernels:
         env["MALLOC_MMAP_THRESHOLD_"] = "131072"
+    if opts.kernels:
+        subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+                        "import memory_accuracy; memory_accuracy.kernel_costs()"], env=env, check=True)
+        return
     print("CPU, 1 thread, bf16 autocast, fp32 weights, LoRA rank 16 (HunyuanVideo 32), 2 steps; MB = 2^20 bytes; "
           + ("glibc mmap threshold fixed at 128 KiB" if opts.malloc == "fixed" else "glibc's dynamic mmap threshold"))
-    print(f"{'configuration':<24}{'params M':>9}{'measured MB':>12}{'estimate MB':>12}{'error':>8}"
-          f"{'activ. MB':>10}{'adapter MB':>11}{'first-run MB':>13}")
+    print(f"{'configuration':<26}{'params M':>9}{'measured MB':>12}{'estimate MB':>12}{'error':>8}"
+          f"{'activ. MB':>10}{'adapter MB':>11}{'workspace MB':>13}{'first-run MB':>13}")
     errors = []
     for name in opts.only or CONFIGS:
         out = subprocess.run([sys.executable, __file__, "--one", name], capture_output=True, text=True, env=env)
         if out.returncode != 0:
-            print(f"{name:<24} failed: {(out.stderr.strip().splitlines() or ['?'])[-1]}", flush=True)
+            print(f"{name:<26} failed: {(out.stderr.strip().splitlines() or ['?'])[-1]}", flush=True)
             continue
         r = json.loads(out.stdout.strip().splitlines()[-1])
         err = r["estimate"] / r["measured"] - 1
         errors.append((abs(err), name))
         mb = 2 ** 20
-        print(f"{name:<24}{r['params_m']:>9.1f}{r['measured'] / mb:>12.0f}{r['estimate'] / mb:>12.0f}{err:>+8.1%}"
-              f"{r['activations'] / mb:>10.0f}{r['adapter'] / mb:>11.1f}{r['first_run'] / mb:>13.0f}", flush=True)
+        print(f"{name:<26}{r['params_m']:>9.1f}{r['measured'] / mb:>12.0f}{r['estimate'] / mb:>12.0f}{err:>+8.1%}"
+              f"{r['activations'] / mb:>10.0f}{r['adapter'] / mb:>11.1f}{r['workspace'] / mb:>13.0f}{r['first_run'] / mb:>13.0f}",
+              flush=True)
     if errors:
         within = sum(e <= 0.15 for e, _ in errors)
         print(f"within 15%: {within} of {len(errors)}; furthest off: "

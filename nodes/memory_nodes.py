@@ -55,7 +55,8 @@ def estimate_lora_memory(model, dataset, *, batch_size: int, rank: int, targets:
     if not p.fits:
         lines.append("would fit: " + "; ".join(p.suggestions))
     lines += ["", *rows]
-    return "\n".join(lines), {"fits": p.fits, "estimate": p.estimate.total, "available": available}
+    return "\n".join(lines), {"fits": p.fits, "estimate": p.estimate.total, "activations": p.estimate.activations,
+                               "available": available}
 
 
 class DojoEstimateMemory(io.ComfyNode):

@@ -8,10 +8,11 @@ The peak of one training step on the compute device is
   + the peak of the forward + backward: activations saved for backward (all of them, or only the
     block inputs with gradient checkpointing, plus one block's recomputation), the adapter's gradients,
     autocast copies of the weights, and the transients of each op
-  + a workspace allowance for what no tensor count sees: the scratch memory kernels allocate
-    internally and the runtime's own growth the first time a step runs at a new shape (RUNTIME_BYTES,
-    measured by bench/memory_accuracy.py: ~60 MB on the CPU, whatever the model's size), and on the CPU
-    malloc's heap fragmentation in that first step (CPU_HEAP_GROWTH).
+  + a workspace allowance for what no tensor count sees: on CUDA a fixed amount for the kernels'
+    scratch memory and the runtime's growth (RUNTIME_BYTES); on the CPU the oneDNN kernels the first step
+    at a new shape compiles and keeps (KERNEL_CACHE_BYTES per distinct bf16 matmul / convolution
+    signature) and the holes malloc's heap keeps resident, found by replaying the step's allocations
+    through the process's own glibc malloc (MallocReplay; bench/memory_accuracy.py checks both).
 
 The third term is not guessed: `measure_step` runs the real step (the family's real model classes, the
 real adapter, the real checkpointing and copy-on-write protection) under torch's `FakeTensorMode`, where
@@ -23,12 +24,15 @@ parameter model built on fake tensors and a tiny one on the CPU.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import hashlib
 import json
 import logging
 import math
 import os
 import resource
+import sys
 import tempfile
 import threading
 import weakref
@@ -50,21 +54,26 @@ GB = 1e9
 # Bytes of optimizer state per trainable parameter. AdamW keeps exp_avg and exp_avg_sq in fp32;
 # bitsandbytes' 8-bit AdamW keeps both as uint8 (plus per-block scales, < 1%); Prodigy keeps exp_avg,
 # exp_avg_sq, s and the initial weights p0, all fp32.
-OPTIMIZER_STATE_BYTES = {OptimizerKind.ADAMW: 8, OptimizerKind.ADAMW_8BIT: 2, OptimizerKind.PRODIGY: 16}
+# Bytes per parameter element of each state tensor, and their sum.
+OPTIMIZER_STATE_TENSORS = {OptimizerKind.ADAMW: (4, 4), OptimizerKind.ADAMW_8BIT: (1, 1),
+                           OptimizerKind.PRODIGY: (4, 4, 4, 4)}
+OPTIMIZER_STATE_BYTES = {kind: sum(sizes) for kind, sizes in OPTIMIZER_STATE_TENSORS.items()}
 ADAPTER_MASTER_BYTES = 4    # adapter weights are fp32 master weights
 
 # Safety margin kept free: a fraction of the available memory plus a fixed amount (the allocator's
 # fragmentation on CUDA; on the CPU what other threads and the rest of ComfyUI allocate meanwhile).
 MARGIN_FRACTION = 0.08
-RUNTIME_BYTES = {"cpu": 64 * 2**20, "cuda": 128 * 2**20}
+# CPU: nothing fixed; what the runtime adds there is found per step (`cpu_overhead`).
+RUNTIME_BYTES = {"cpu": 0, "cuda": 128 * 2**20}
 # On the CPU, tensors below glibc's mmap threshold come from malloc's heap, which the first step at a
-# new shape fragments: its RSS peaks above the live bytes by about this fraction of the heap-sized
-# tensors alive at the peak (bench/memory_accuracy.py; later steps reuse the holes). Larger tensors are
-# mmapped and returned to the system when freed. By default glibc's threshold is dynamic: each freed
-# mmapped chunk raises it, up to 32 MiB on 64-bit, so after the first large tensor is freed everything
-# below 32 MiB is heap; a process that fixes the threshold (MALLOC_MMAP_THRESHOLD_, or the
-# glibc.malloc.mmap_threshold tunable) turns that off (`heap_limit`). CUDA's caching allocator rounds and
-# splits blocks instead; the margin covers it.
+# new shape fragments; larger tensors are mmapped and returned to the system when freed. By default
+# glibc's threshold is dynamic: each freed mmapped chunk raises it, up to 32 MiB on 64-bit, so after the
+# first large tensor is freed everything below 32 MiB is heap; a process that fixes the threshold
+# (MALLOC_MMAP_THRESHOLD_, or the glibc.malloc.mmap_threshold tunable) turns that off (`heap_limit`, a
+# part of the measurement's key). Where malloc is glibc's, MallocReplay measures the heap's growth; where
+# it is not, the allowance is this fraction of the heap-sized tensors alive at the peak (fitted on this
+# machine in an earlier session). CUDA's caching allocator rounds and splits blocks instead; the margin
+# covers it.
 HEAP_LIMIT = 32 * 2**20
 CPU_HEAP_GROWTH = 0.3
 
@@ -84,8 +93,110 @@ def heap_limit(environ=os.environ) -> int:
 
 MARGIN_BYTES = {"cuda": 512 * 2**20, "cpu": 160 * 2**20}
 
+# On the CPU, bf16 matmuls and convolutions run through oneDNN, which compiles a primitive for every new
+# shape and keeps it (an LRU cache of 1024): the first step at a new shape grows the process by this much
+# per distinct op signature, whatever the tensors' sizes (bench/memory_accuracy.py --kernels measures
+# it: ~560 KB a matmul shape, ~90 KB a convolution's, torch 2.13 on x86). Counted as the step creates them,
+# so only those made before the step's peak add to it.
+KERNEL_CACHE_BYTES = {"mm": 560 * 2**10, "addmm": 560 * 2**10, "bmm": 560 * 2**10, "baddbmm": 560 * 2**10,
+                      "convolution": 90 * 2**10, "convolution_backward": 90 * 2**10}
+
 
 # --- measuring: count live tensor storage, op by op ----------------------------------------------
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                    "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+@functools.cache
+def _glibc():
+    """glibc's malloc functions, or None where the C library is not glibc (mallinfo2: glibc 2.33+)."""
+    if sys.platform != "linux":
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _Mallinfo2
+        libc.posix_memalign.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t, ctypes.c_size_t]
+        libc.free.argtypes = [ctypes.c_void_p]
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+class MallocReplay:
+    """Replays a CPU step's tensor allocations (sizes and order, as the fake step makes and frees them)
+    through this process's own glibc malloc, without touching the memory, and keeps the peak growth of
+    malloc's footprint (mallinfo2: heap arenas + mmapped chunks). That growth is what the real step adds
+    to the process: the live bytes plus the holes glibc leaves where a freed block cannot be reused (by
+    default its mmap threshold rises to 32 MiB, so almost every tensor comes from the heap, and freed
+    heap memory stays resident), minus the free heap the process already holds. `None` from `create`
+    where malloc is not glibc's."""
+
+    ALIGNMENT = 64   # c10's CPU allocator: posix_memalign(64)
+
+    def __init__(self, libc):
+        self._libc = libc
+        self._blocks: dict = {}
+        self._events: list[tuple[int, int]] = []   # (key, size) when made, (key, -1) when freed
+        self.start = self.footprint()
+        self.peak_growth = 0
+        self.failed = False
+
+    @classmethod
+    def create(cls) -> "MallocReplay | None":
+        """None where malloc is not glibc's, and under an address-space limit (RLIMIT_AS): the replay
+        reserves address space up to the step's size, and what the fake step's own Python objects
+        allocated meanwhile keep in the heap glibc cannot give back, so it would take the room it
+        measures (the older heap allowance is used there)."""
+        if resource.getrlimit(resource.RLIMIT_AS)[0] != resource.RLIM_INFINITY:
+            return None
+        libc = _glibc()
+        return None if libc is None else cls(libc)
+
+    def footprint(self) -> int:
+        info = self._libc.mallinfo2()
+        return info.arena + info.hblkhd
+
+    def allocate(self, key, size: int, record: bool = True) -> None:
+        if self.failed:
+            return
+        if record:
+            self._events.append((key, size))
+        block = ctypes.c_void_p()
+        if self._libc.posix_memalign(ctypes.byref(block), self.ALIGNMENT, max(size, 1)) != 0:
+            self.failed = True  # the step's own allocation would fail here too; give the blocks back
+            self.close()
+            return
+        self._blocks[key] = block.value
+        self.peak_growth = max(self.peak_growth, self.footprint() - self.start)
+
+    def free(self, key, record: bool = True) -> None:
+        block = self._blocks.pop(key, None)
+        if block is not None:
+            if record:
+                self._events.append((key, -1))
+            self._libc.free(block)
+
+    def next_step(self, state_sizes=()) -> None:
+        """Go on as the training loop does after the step replayed so far: the optimizer's first update
+        allocates its state (`state_sizes`, kept), the gradients are dropped (everything of the step still
+        live), and the same step runs again, now finding some of its holes taken by that state."""
+        step = list(self._events)
+        for i, size in enumerate(state_sizes):
+            self.allocate(("state", i), size, record=False)
+        for key in [k for k in self._blocks if not isinstance(k, tuple)]:
+            self.free(key, record=False)
+        for key, size in step:
+            if size >= 0:
+                self.allocate(("again", key), size, record=False)
+            else:
+                self.free(("again", key), record=False)
+
+    def close(self) -> None:
+        for key in list(self._blocks):
+            self.free(key)
+
 
 class LiveBytes(TorchDispatchMode):
     """Counts the bytes of tensor storage created inside the mode that are still alive, and their peak.
@@ -95,8 +206,9 @@ class LiveBytes(TorchDispatchMode):
     that existed before the mode (weights, inputs) are never counted. Works on real, meta and fake
     tensors alike, so a fake step measures what a real one would allocate."""
 
-    def __init__(self):
+    def __init__(self, replay: MallocReplay | None = None):
         super().__init__()
+        self.replay = replay   # CPU: also replay each CPU storage through malloc (MallocReplay)
         self.live = 0
         self.peak = 0
         self.largest = 0
@@ -104,11 +216,27 @@ class LiveBytes(TorchDispatchMode):
         self.heap_at_peak = 0
         self.heap_limit = heap_limit()
         self._sizes: dict[int, int] = {}
+        self.kernels: set = set()   # oneDNN signatures met (KERNEL_CACHE_BYTES)
+        self.kernel_bytes = 0
+        self.kernel_bytes_at_peak = 0
+
+    def _kernel(self, func, tensors) -> None:
+        cost = KERNEL_CACHE_BYTES.get(func._overloadpacket.__name__)
+        if cost is None or not tensors or any(t.device.type != "cpu" or t.dtype != torch.bfloat16 for t in tensors):
+            return
+        signature = (func, tuple((tuple(t.shape), t.stride()) for t in tensors))
+        if signature not in self.kernels:
+            self.kernels.add(signature)
+            self.kernel_bytes += cost
+            if self.replay is not None:  # kept in the heap among the step's tensors (cached: not made again)
+                self.replay.allocate(("kernel", len(self.kernels)), cost, record=False)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        inputs = {_storage_id(t) for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        self._kernel(func, tensors)
+        inputs = {_storage_id(t) for t in tensors}
         for t in pytree.tree_leaves(out):
             if not isinstance(t, torch.Tensor):
                 continue
@@ -122,12 +250,16 @@ class LiveBytes(TorchDispatchMode):
             if size < self.heap_limit:
                 self.heap_live += size
             self.largest = max(self.largest, size)
-            if self.live > self.peak:
-                self.peak, self.heap_at_peak = self.live, self.heap_live
+            if self.replay is not None and t.device.type == "cpu":
+                self.replay.allocate(key, size)
+            if self.live + self.kernel_bytes > self.peak + self.kernel_bytes_at_peak:
+                self.peak, self.heap_at_peak, self.kernel_bytes_at_peak = self.live, self.heap_live, self.kernel_bytes
             weakref.finalize(storage, self._free, key)
         return out
 
     def _free(self, key: int) -> None:
+        if self.replay is not None:
+            self.replay.free(key)
         size = self._sizes.pop(key, 0)
         self.live -= size
         if size < self.heap_limit:
@@ -149,6 +281,8 @@ class StepMeasure:
     largest_tensor_bytes: int
     tokens: int
     heap_bytes_at_peak: int = 0
+    kernel_bytes_at_peak: int = 0   # CPU: oneDNN primitives compiled before the peak (KERNEL_CACHE_BYTES)
+    malloc_growth_bytes: int = -1   # CPU: peak growth of malloc's footprint replaying the step (MallocReplay); -1: none
 
 
 @contextlib.contextmanager
@@ -214,19 +348,31 @@ def fused_attention_on_meta():
         functional.scaled_dot_product_attention = _SDPA
 
 
-def measure_step(step: Callable[[], None], tokens: int) -> StepMeasure:
+def measure_step(step: Callable[[], None], tokens: int, state_sizes=()) -> StepMeasure:
     """Run `step` (one forward + backward, building its inputs inside) on fake tensors and count what
-    it allocates. The trainable parameters' `.grad` it creates are reset to None afterwards."""
-    counter = LiveBytes()
-    with fake_tensors(), counter, fused_attention_on_meta():
-        step()
-    return StepMeasure(counter.peak, counter.largest, tokens, counter.heap_at_peak)
+    it allocates. The trainable parameters' `.grad` it creates are reset to None afterwards. On the CPU
+    the step's storages are also replayed through malloc (MallocReplay), twice, with the optimizer
+    state (`state_sizes`, bytes per tensor) allocated in between, as the training loop's first two steps."""
+    replay = MallocReplay.create()
+    counter = LiveBytes(replay)
+    try:
+        with fake_tensors(), counter, fused_attention_on_meta():
+            step()
+        if replay is not None and replay.peak_growth:
+            replay.next_step(state_sizes)
+    finally:
+        if replay is not None:
+            replay.close()
+    # Where no CPU storage was replayed (a GPU or meta step), or malloc refused one, there is no growth to report.
+    growth = -1 if replay is None or replay.failed or replay.peak_growth == 0 else replay.peak_growth
+    return StepMeasure(counter.peak, counter.largest, tokens, counter.heap_at_peak, counter.kernel_bytes_at_peak,
+                       growth)
 
 
 # --- remembering measurements --------------------------------------------------------------------
 
 # Bump when what a fake step counts changes, so measurements saved on disk by an older pack are not reused.
-MEASURE_FORMAT = 1
+MEASURE_FORMAT = 3
 
 
 def module_signature(module: torch.nn.Module) -> str:
@@ -273,7 +419,8 @@ class MeasureCache:
             with open(path, encoding="utf-8") as f:
                 data = json.load(f)
             m = StepMeasure(**{k: int(data[k]) for k in ("peak_bytes", "largest_tensor_bytes", "tokens",
-                                                             "heap_bytes_at_peak")})
+                                                             "heap_bytes_at_peak", "kernel_bytes_at_peak",
+                                                             "malloc_growth_bytes")})
             if data.get("format") != MEASURE_FORMAT or min(m.peak_bytes, m.largest_tensor_bytes) < 0:
                 return None
         except (OSError, ValueError, TypeError, KeyError, AttributeError):
@@ -399,9 +546,20 @@ def estimate(job: StepJob, checkpointing: bool, blocks_to_swap: int = 0) -> Esti
     preview = job.measured_preview()
     peak = m if preview is None or preview.peak_bytes <= m.peak_bytes else preview
     if job.device_type == "cpu":
-        runtime += int(CPU_HEAP_GROWTH * peak.heap_bytes_at_peak)
+        runtime += cpu_overhead(peak)
     return Estimate(checkpointing, blocks_to_swap, job.model.resident_bytes(blocks_to_swap, checkpointing),
                     adapter, peak.peak_bytes, runtime, preview.peak_bytes if preview is not None else 0)
+
+
+def cpu_overhead(m: StepMeasure) -> int:
+    """What a CPU step adds beyond its live tensor bytes: oneDNN's kept kernels and malloc's heap. Where
+    the step was replayed through malloc (kernels included, as they are made), the replay's growth beyond
+    the live peak, never below zero (free heap the process holds now may be gone by the time it trains):
+    freed heap memory stays resident, so kernels made after the tensors' peak count too. Else the kernels
+    made before the peak and the older allowance, a fraction of the heap-sized tensors alive at the peak."""
+    if m.malloc_growth_bytes >= 0:
+        return max(0, m.malloc_growth_bytes - m.peak_bytes)
+    return m.kernel_bytes_at_peak + int(CPU_HEAP_GROWTH * m.heap_bytes_at_peak)
 
 
 def safety_margin(available: int, device_type: str) -> int:
@@ -648,9 +806,11 @@ def probe_training_step(model, samples, batch_size: int, config, params, region,
             loss = diffusion_loss(model, latents, batch.cond.to(device), t, noise, config.min_snr_gamma)
         loss.backward()
 
+    params = list(params)
+    state_sizes = [p.numel() * n for p in params for n in OPTIMIZER_STATE_TENSORS[OptimizerKind(config.optimizer)]]
     try:
         with region(checkpointing):
-            return measure_step(step, tokens)
+            return measure_step(step, tokens, state_sizes)
     finally:
         for p in params:
             p.grad = None

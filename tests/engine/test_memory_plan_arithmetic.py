@@ -2,7 +2,9 @@
 step allocates, the arithmetic keeps explicit settings and picks the cheapest that fit, and the CPU's
 free memory honours a real address-space limit."""
 import contextlib
+import dataclasses
 import json
+import platform
 import subprocess
 import sys
 
@@ -267,3 +269,54 @@ def test_a_preview_that_needs_more_than_the_step_sets_the_activations():
     assert "preview" in on.parts()
     p = mp.plan(with_preview, on.total - 1, "test", checkpointing=True, blocks_to_swap=0)
     assert not p.fits and any("smaller previews" in s for s in p.suggestions)
+
+
+def test_each_new_bf16_matmul_shape_on_the_cpu_counts_one_kept_kernel():
+    """oneDNN's cached primitives (KERNEL_CACHE_BYTES): one per distinct bf16 CPU matmul signature, counted
+    when first met and kept, so a later peak includes them and an earlier one does not; none in fp32 or on meta."""
+    w = torch.randn(32, 16)
+
+    def step(device, autocast):
+        with autocast:
+            for rows in (8, 12, 8, 12, 20):  # three distinct shapes, two of them met twice
+                torch.nn.functional.linear(torch.randn(rows, 16, device=device), w.to(device))
+            torch.zeros(4096, device=device)  # the peak comes after every matmul
+
+    bf16 = torch.autocast("cpu", dtype=torch.bfloat16)
+    counted = {}
+    for name, device, autocast in (("bf16", "cpu", bf16), ("fp32", "cpu", contextlib.nullcontext()),
+                                   ("meta", "meta", contextlib.nullcontext())):
+        counter = mp.LiveBytes()
+        with counter:
+            step(device, autocast)
+        counted[name] = (len(counter.kernels), counter.kernel_bytes_at_peak)
+    assert counted["bf16"] == (3, 3 * mp.KERNEL_CACHE_BYTES["mm"])
+    assert counted["fp32"] == counted["meta"] == (0, 0)
+    m = mp.measure_step(lambda: step("cpu", bf16), tokens=1)
+    assert m.kernel_bytes_at_peak == 3 * mp.KERNEL_CACHE_BYTES["mm"]
+    job = mp.StepJob(mp.ModelMemory(0), 0, OptimizerKind.ADAMW, lambda gc: m, device_type="cpu")
+    assert mp.estimate(job, False).workspace >= m.kernel_bytes_at_peak
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="MallocReplay reads glibc's malloc")
+def test_a_cpu_step_is_replayed_through_malloc_and_its_growth_is_the_cpu_overhead():
+    def step(device):
+        a = torch.empty(40 * 2**20, dtype=torch.uint8, device=device)
+        b = torch.empty(70 * 2**20, dtype=torch.uint8, device=device)  # both alive: 110 MiB at the peak
+        del a, b
+
+    replay = mp.MallocReplay.create()
+    start = replay.footprint()
+    m = mp.measure_step(lambda: step("cpu"), tokens=1)
+    assert m.peak_bytes == 110 * 2**20
+    # malloc really held both blocks (a little more for its headers and the step run again) ...
+    assert 110 * 2**20 <= m.malloc_growth_bytes <= 2 * 110 * 2**20
+    # ... and has them back: the replay leaves nothing allocated.
+    assert replay.footprint() - start < 40 * 2**20
+    assert mp.measure_step(lambda: step("meta"), tokens=1).malloc_growth_bytes == -1
+    # The CPU overhead is the growth beyond the live peak (never below zero); without a replay, the
+    # kernels before the peak and the older heap fraction.
+    grown = mp.StepMeasure(1000, 0, 1, heap_bytes_at_peak=500, kernel_bytes_at_peak=70, malloc_growth_bytes=1300)
+    assert mp.cpu_overhead(grown) == 300
+    assert mp.cpu_overhead(dataclasses.replace(grown, malloc_growth_bytes=900)) == 0
+    assert mp.cpu_overhead(dataclasses.replace(grown, malloc_growth_bytes=-1)) == 70 + int(mp.CPU_HEAP_GROWTH * 500)

@@ -28,6 +28,11 @@ def vmsize() -> int:
 
 
 def main():
+    # An address-space limit from the start (far above anything used; the parent lowers it with prlimit):
+    # under one the planner estimates without replaying steps through malloc (MallocReplay.create), so
+    # the estimates printed below and those made under the real limit are made the same way.
+    import resource
+    resource.setrlimit(resource.RLIMIT_AS, (2 ** 40, resource.getrlimit(resource.RLIMIT_AS)[1]))
     boot(sys.argv[1])
     import importlib
     import torch

@@ -60,13 +60,20 @@ def test_plan_is_computed_and_shown_for_every_family(comfy, dojo, family, caplog
 
 def test_a_bigger_batch_measures_more_and_checkpointing_measures_less(comfy, dojo):
     patcher = FAMILIES["flux"][0]()
-    data = encoded(dojo, "flux", n=4)
+    # Latents big enough (64 x 64: 1,024 image tokens) that the saved activations, not one block's
+    # recomputation, set the peak without checkpointing.
+    small = encoded(dojo, "flux", n=4)
+    g = torch.Generator().manual_seed(0)
+    data = dojo.encoded.EncodedDataset([dojo.batches.Sample(torch.randn(s.latent.shape[0], 64, 64, generator=g), s.cond)
+                                        for s in small.samples], small.captions)
 
     def estimate(batch, gc):
         _, figures = dojo.memory_nodes.estimate_lora_memory(
             patcher, data, batch_size=batch, rank=4, targets="all_linear", adapter="lora", optimizer="adamw",
             gradient_checkpointing=gc, blocks_to_swap=0, precision="bf16")
-        return figures["estimate"]
+        return figures["activations"]
+    # (The measured activations: the total also holds the CPU's kernel and heap overhead, which on a
+    # model this small is much of it and depends on the process's heap.)
     assert estimate(4, "off") > estimate(1, "off") > estimate(1, "on")
 
 

@@ -1,5 +1,8 @@
 """The tiny model files load through ComfyUI's own loader nodes, are detected as the real families, and
 give finite outputs (tiny_files.py, DESIGN.md section 6)."""
+import os
+import time
+
 import pytest
 import torch
 
@@ -169,9 +172,34 @@ def test_cache_writes_a_file_once_under_the_version_directories(comfy, tmp_path,
 
     first = tiny_files.cached_file("model.safetensors", write)
     again = tiny_files.cached_file("model.safetensors", write)
-    assert first == again == tmp_path / comfy.version / tiny_files.builder_key() / "model.safetensors"
+    assert first == again == tmp_path / comfy.version / f"tiny_files+tiny_comfy_models-{tiny_files.builder_key()}" \
+        / "model.safetensors"
     assert len(calls) == 1 and first.read_bytes() == b"weights"
     assert [p.name for p in first.parent.iterdir()] == ["model.safetensors"]
+
+
+def test_a_builders_old_keys_are_removed_and_nothing_else(comfy, tmp_path, monkeypatch):
+    """When the builder's key changes, its folders with other keys go once unused for a while; a recently
+    used one (another process may be linking from it), other builders' folders and anything the suite did
+    not name stay."""
+    import tiny_files
+    monkeypatch.setenv("DOJO_TEST_CACHE", str(tmp_path))
+    version = tmp_path / comfy.version
+    name = tiny_files.builder_name()
+    old, recent, legacy = version / f"{name}-b{'0' * 16}", version / f"{name}-b{'1' * 16}", version / f"b{'2' * 16}"
+    other_builder, foreign = version / f"{name}+tiny_wan-b{'3' * 16}", version / "notes"
+    for folder in (old, recent, legacy, other_builder, foreign):
+        folder.mkdir(parents=True)
+        (folder / "model.safetensors").write_bytes(b"old weights")
+    an_hour_ago = time.time() - 3600
+    for folder in (old, legacy, other_builder, foreign):
+        os.utime(folder, (an_hour_ago, an_hour_ago))
+
+    current = tiny_files.cached_file("model.safetensors", lambda path: path.write_bytes(b"weights"))
+    assert current.read_bytes() == b"weights" and current.parent == tiny_files.cache_dir()
+    assert sorted(p.name for p in version.iterdir()) == sorted(
+        [current.parent.name, recent.name, other_builder.name, foreign.name])
+    assert (recent / "model.safetensors").read_bytes() == b"old weights"
 
 
 def test_the_cache_key_follows_the_builders_code_and_the_model_seeds(comfy, tmp_path, monkeypatch):

@@ -3,10 +3,11 @@ builders for the families whose smallest detectable file is too big for routine 
 section 6). Everything is built with the booted ComfyUI's own classes, so import this only after the
 `comfy` fixture has booted ComfyUI.
 
-Files are written once into a cache, ~/.cache/comfyui-dojo-tests/<ComfyUI version>/<builder key>/
+Files are written once into a cache, ~/.cache/comfyui-dojo-tests/<ComfyUI version>/<builder>-<key>/
 ($DOJO_TEST_CACHE overrides the root), from fixed seeds, and linked into a ComfyUI base directory. The
 builder key is derived from the code that builds the files (builder_key), so any change to a builder,
-a config or a seed writes fresh files instead of reusing stale ones.
+a config or a seed writes fresh files instead of reusing stale ones; the folders of the builder's other
+keys are then removed once unused for a while (prune_old_keys).
 """
 from __future__ import annotations
 
@@ -14,7 +15,10 @@ import ast
 import dataclasses
 import hashlib
 import os
+import re
+import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -66,9 +70,37 @@ def builder_key(modules=BUILDER_MODULES) -> str:
     return "b" + h.hexdigest()[:16]
 
 
+def builder_name(modules=BUILDER_MODULES) -> str:
+    return "+".join(Path(m).stem for m in modules)
+
+
 def cache_dir(modules=BUILDER_MODULES) -> Path:
     root = Path(os.environ.get("DOJO_TEST_CACHE") or Path.home() / ".cache" / "comfyui-dojo-tests").expanduser()
-    return root / comfyui_version() / builder_key(modules)
+    return root / comfyui_version() / f"{builder_name(modules)}-{builder_key(modules)}"
+
+
+# A key folder is touched each time a file is taken from it; one untouched this long is no longer being
+# written or linked from (a run on another checkout, whose builders differ, keeps its folder while it works).
+PRUNE_AFTER_S = 15 * 60
+_PRUNED: set[Path] = set()
+
+
+def prune_old_keys(current: Path, older_than_s: float = PRUNE_AFTER_S) -> list[Path]:
+    """Remove the folders of `current`'s builder with other keys (and folders of the older layout, named by
+    the key alone) unused for `older_than_s`: only names this module makes, nothing else in the cache."""
+    own = re.compile(re.escape(current.name.rsplit("-", 1)[0]) + r"-b[0-9a-f]{16}|b[0-9a-f]{16}")
+    removed = []
+    for entry in current.parent.iterdir():
+        if entry == current or not own.fullmatch(entry.name) or entry.is_symlink() or not entry.is_dir():
+            continue
+        try:
+            if time.time() - entry.stat().st_mtime < older_than_s:
+                continue
+        except FileNotFoundError:  # another test process removed it first
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry)
+    return removed
 
 
 def cached_file(name: str, write: Callable[[Path], object], modules=BUILDER_MODULES) -> Path:
@@ -77,9 +109,13 @@ def cached_file(name: str, write: Callable[[Path], object], modules=BUILDER_MODU
     half-written file under the final name. `modules`: the builder modules whose code keys the cache
     (other stand-in modules add themselves to tiny_files' own)."""
     target = cache_dir(modules) / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.utime(target.parent)  # in use (prune_old_keys)
+    if target.parent not in _PRUNED:
+        _PRUNED.add(target.parent)
+        prune_old_keys(target.parent)
     if target.is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp.safetensors", dir=target.parent)
     os.close(fd)
     try:
