@@ -202,6 +202,27 @@ def test_a_builders_old_keys_are_removed_and_nothing_else(comfy, tmp_path, monke
     assert (recent / "model.safetensors").read_bytes() == b"old weights"
 
 
+def test_a_files_old_keys_in_its_name_are_removed_and_nothing_else(comfy, tmp_path, monkeypatch):
+    """A file keyed in its own name (tiny_qwen's) drops its older keys once unused for a while, when a new
+    key is written; a recently used key, other files and other names stay."""
+    import tiny_files
+    monkeypatch.setenv("DOJO_TEST_CACHE", str(tmp_path))
+    folder = tiny_files.cache_dir()
+    folder.mkdir(parents=True)
+    old, recent = folder / f"qwen_b{'0' * 16}.safetensors", folder / f"qwen_b{'1' * 16}.safetensors"
+    other, foreign = folder / f"wan_b{'2' * 16}.safetensors", folder / "qwen.safetensors"
+    for path in (old, recent, other, foreign):
+        path.write_bytes(b"old weights")
+    an_hour_ago = time.time() - 3600
+    for path in (old, other, foreign):
+        os.utime(path, (an_hour_ago, an_hour_ago))
+
+    current = tiny_files.cached_file(f"qwen_b{'3' * 16}.safetensors", lambda path: path.write_bytes(b"weights"))
+    assert current.read_bytes() == b"weights"
+    assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == sorted(
+        [current.name, recent.name, other.name, foreign.name])
+
+
 def test_the_cache_key_follows_the_builders_code_and_the_model_seeds(comfy, tmp_path, monkeypatch):
     """Any change to how a file is built (code, a config value, a seed) changes the key, so a warm cache
     never hides what a fresh one gives; comments and docstrings do not."""

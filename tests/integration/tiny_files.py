@@ -12,6 +12,7 @@ keys are then removed once unused for a while (prune_old_keys).
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -103,6 +104,27 @@ def prune_old_keys(current: Path, older_than_s: float = PRUNE_AFTER_S) -> list[P
     return removed
 
 
+def prune_old_file_keys(target: Path, older_than_s: float = PRUNE_AFTER_S) -> list[Path]:
+    """For a file named with its own builder key (`<stem>_b<key>.safetensors`, tiny_qwen), remove the same
+    file's other keys in its folder once unused for `older_than_s`; nothing else."""
+    match = re.fullmatch(r"(.+)_b[0-9a-f]{16}(\.safetensors)", target.name)
+    if match is None:
+        return []
+    own = re.compile(re.escape(match[1]) + r"_b[0-9a-f]{16}" + re.escape(match[2]))
+    removed = []
+    for entry in target.parent.iterdir():
+        if entry == target or not own.fullmatch(entry.name) or entry.is_symlink() or not entry.is_file():
+            continue
+        try:
+            if time.time() - entry.stat().st_mtime < older_than_s:
+                continue
+            entry.unlink()
+        except FileNotFoundError:  # another test process removed it first
+            continue
+        removed.append(entry)
+    return removed
+
+
 def cached_file(name: str, write: Callable[[Path], object], modules=BUILDER_MODULES) -> Path:
     """The cached file `name`, written by `write(path)` first when it is missing. The writer writes a
     temporary name that is renamed into place, so an interrupted or concurrent run never leaves a
@@ -115,7 +137,10 @@ def cached_file(name: str, write: Callable[[Path], object], modules=BUILDER_MODU
         _PRUNED.add(target.parent)
         prune_old_keys(target.parent)
     if target.is_file():
+        with contextlib.suppress(OSError):  # in use (prune_old_file_keys); a read-only cache still serves
+            os.utime(target)
         return target
+    prune_old_file_keys(target)
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp.safetensors", dir=target.parent)
     os.close(fd)
     try:
