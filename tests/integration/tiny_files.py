@@ -86,22 +86,31 @@ PRUNE_AFTER_S = 15 * 60
 _PRUNED: set[Path] = set()
 
 
-def prune_old_keys(current: Path, older_than_s: float = PRUNE_AFTER_S) -> list[Path]:
-    """Remove the folders of `current`'s builder with other keys (and folders of the older layout, named by
-    the key alone) unused for `older_than_s`: only names this module makes, nothing else in the cache."""
-    own = re.compile(re.escape(current.name.rsplit("-", 1)[0]) + r"-b[0-9a-f]{16}|b[0-9a-f]{16}")
+def _remove_unused(keep: Path, own: re.Pattern, is_kind: Callable[[Path], bool], older_than_s: float) -> list[Path]:
+    """Remove the entries beside `keep` whose names `own` matches, of the kind `is_kind` accepts (never a
+    symlink), untouched for `older_than_s`."""
     removed = []
-    for entry in current.parent.iterdir():
-        if entry == current or not own.fullmatch(entry.name) or entry.is_symlink() or not entry.is_dir():
+    for entry in keep.parent.iterdir():
+        if entry == keep or not own.fullmatch(entry.name) or entry.is_symlink() or not is_kind(entry):
             continue
         try:
             if time.time() - entry.stat().st_mtime < older_than_s:
                 continue
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink()
         except FileNotFoundError:  # another test process removed it first
             continue
-        shutil.rmtree(entry, ignore_errors=True)
         removed.append(entry)
     return removed
+
+
+def prune_old_keys(current: Path, older_than_s: float = PRUNE_AFTER_S) -> list[Path]:
+    """Remove the folders of `current`'s builder with other keys (and folders of the older layout, named by
+    the key alone) unused for `older_than_s`: only names this module makes, nothing else in the cache."""
+    own = re.compile(re.escape(current.name.rsplit("-", 1)[0]) + r"-b[0-9a-f]{16}|b[0-9a-f]{16}")
+    return _remove_unused(current, own, Path.is_dir, older_than_s)
 
 
 def prune_old_file_keys(target: Path, older_than_s: float = PRUNE_AFTER_S) -> list[Path]:
@@ -111,18 +120,7 @@ def prune_old_file_keys(target: Path, older_than_s: float = PRUNE_AFTER_S) -> li
     if match is None:
         return []
     own = re.compile(re.escape(match[1]) + r"_b[0-9a-f]{16}" + re.escape(match[2]))
-    removed = []
-    for entry in target.parent.iterdir():
-        if entry == target or not own.fullmatch(entry.name) or entry.is_symlink() or not entry.is_file():
-            continue
-        try:
-            if time.time() - entry.stat().st_mtime < older_than_s:
-                continue
-            entry.unlink()
-        except FileNotFoundError:  # another test process removed it first
-            continue
-        removed.append(entry)
-    return removed
+    return _remove_unused(target, own, Path.is_file, older_than_s)
 
 
 def cached_file(name: str, write: Callable[[Path], object], modules=BUILDER_MODULES) -> Path:
