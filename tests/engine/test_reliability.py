@@ -19,7 +19,7 @@ from PIL import Image
 
 from comfyui_dojo.training.adapters import AdapterConfig, attach_adapter
 from comfyui_dojo.training.batches import BatchSchedule
-from comfyui_dojo.training.checkpoints import (CheckpointError, latest_checkpoint, load_checkpoint,
+from comfyui_dojo.training.checkpoints import (CheckpointError, checkpoint_step, latest_checkpoint, load_checkpoint,
                                                plan_run_folders, save_checkpoint)
 from comfyui_dojo.training.datasets import DatasetConfig, DatasetError, scan_folder
 from comfyui_dojo.training.datasets.captions import CaptionConfig
@@ -417,7 +417,8 @@ TRAINER = PACK_IMPORT_SNIPPET + textwrap.dedent("""
 
 
 def last_step(run: Path) -> int:
-    return max((int(p.name.split("_")[1]) for p in run.glob("step_*") if p.name.split("_")[1].isdigit()), default=0)
+    folder = latest_checkpoint(run)
+    return checkpoint_step(folder) if folder is not None else 0
 
 
 def test_a_training_process_killed_with_sigkill_again_and_again_resumes_to_the_same_bits(tmp_path):
