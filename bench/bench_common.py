@@ -56,6 +56,20 @@ def malloc_env(mode: str) -> dict:
     return {}
 
 
+def add_run_options(parser) -> None:
+    """The options every benchmark passes on to its children: --width and --malloc."""
+    parser.add_argument("--width", choices=("tiny", "real"), default=WIDTH,
+                        help="model widths (bench_common): tiny stand-ins, or the real layer widths with fewer blocks")
+    parser.add_argument("--malloc", choices=("default", "steady"), default="default",
+                        help="glibc's allocator as is, or told to keep freed memory (bench_common.malloc_env)")
+
+
+def apply_run_options(args) -> None:
+    """Put --width and --malloc into the environment the children start with (they build their models from it)."""
+    os.environ["DOJO_BENCH_WIDTH"] = args.width
+    os.environ.update(malloc_env(args.malloc))
+
+
 def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 

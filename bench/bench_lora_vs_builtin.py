@@ -154,13 +154,9 @@ def main():
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--family", help=argparse.SUPPRESS)
-    parser.add_argument("--width", choices=("tiny", "real"), default=bc.WIDTH,
-                        help="model widths (bench_common): tiny stand-ins, or the real layer widths with fewer blocks")
-    parser.add_argument("--malloc", choices=("default", "steady"), default="default",
-                        help="glibc's allocator as is, or told to keep freed memory (bench_common.malloc_env)")
+    bc.add_run_options(parser)
     args = parser.parse_args()
-    os.environ["DOJO_BENCH_WIDTH"] = args.width  # the children build their models from it
-    os.environ.update(bc.malloc_env(args.malloc))
+    bc.apply_run_options(args)
     if args.variant:
         print("RESULT " + json.dumps(child(args)))
         return

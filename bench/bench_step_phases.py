@@ -139,13 +139,9 @@ def main():
     parser.add_argument("--profile-steps", type=int, default=2)
     parser.add_argument("--top", type=int, default=0, help="also list the N ops with the most self CPU time")
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--width", choices=("tiny", "real"), default=bc.WIDTH,
-                        help="model widths (bench_common): tiny stand-ins, or the real layer widths with fewer blocks")
-    parser.add_argument("--malloc", choices=("default", "steady"), default="default",
-                        help="glibc's allocator as is, or told to keep freed memory (bench_common.malloc_env)")
+    bc.add_run_options(parser)
     args = parser.parse_args()
-    os.environ["DOJO_BENCH_WIDTH"] = args.width  # the children build their models from it
-    os.environ.update(bc.malloc_env(args.malloc))
+    bc.apply_run_options(args)
     if args.child:
         family, ckpt = args.child.split(":")
         print("RESULT " + json.dumps(child(family, ckpt == "on", args.rounds, args.steps, args.profile_steps,
